@@ -60,6 +60,84 @@ class MemoryConfig:
 
 
 @dataclass
+class DataConfig:
+    sft: str = opt("", "SFT data: json/jsonl/csv/parquet file, saved dataset dir, hub id or bundled:NAME; "
+                       "prompt/completion or messages columns")
+    preferences: str = opt("", "preference pairs for the reward model: chosen/rejected columns (prompt optional)")
+    prompts: str = opt("", "PPO prompts: a prompt column (text or messages)")
+    eval_prompts: str = opt("", "held-out prompts for before/after reports; empty = none")
+    eval_fraction: float = opt(0.1, "share of the preference pairs held out to report reward accuracy",
+                               low=0.0, high=0.9)
+    max_prompt_length: int = opt(256, "longest prompt in tokens", low=1)
+    long_prompts: str = opt("truncate", "what to do with longer prompts: truncate (from the left, with a warning) "
+                                        "or error", choices=("truncate", "error"))
+    max_samples: int = opt(0, "use at most this many rows of each dataset; 0 = all", low=0)
+
+
+@dataclass
+class SFTStageConfig:
+    enabled: bool = opt(True, "run the SFT stage (TRL SFTTrainer, LoRA on the shared quantized base)")
+    epochs: float = opt(1.0, "passes over the SFT data", low=0.0)
+    max_steps: int = opt(-1, "stop after this many optimizer steps; -1 = run all epochs", low=-1)
+    learning_rate: float = opt(2e-4, "AdamW learning rate", low=0.0)
+    batch_size: int = opt(8, "examples per optimizer step (per device)", low=1)
+    gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", low=1)
+    max_length: int = opt(512, "longest tokenized example", low=8)
+
+
+@dataclass
+class RewardModelStageConfig:
+    enabled: bool = opt(True, "run the reward stage (TRL RewardTrainer, Bradley-Terry, LoRA + scalar head)")
+    epochs: float = opt(1.0, "passes over the preference pairs", low=0.0)
+    max_steps: int = opt(-1, "stop after this many optimizer steps; -1 = run all epochs", low=-1)
+    learning_rate: float = opt(1e-4, "AdamW learning rate", low=0.0)
+    batch_size: int = opt(8, "pairs per optimizer step (per device)", low=1)
+    gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", low=1)
+    max_length: int = opt(512, "longest tokenized prompt + answer", low=8)
+
+
+@dataclass
+class RewardsConfig:
+    learned_weight: float = opt(1.0, "weight of the learned reward adapter in the PPO score; 0 = not used")
+    functions: list = opt([], "Python reward functions as module:function(prompts, completions) -> list[float]")
+    function_weights: list = opt([], "one weight per function; empty = 1.0 each")
+
+
+@dataclass
+class PPOConfig:
+    total_steps: int = opt(10, "PPO steps (one rollout batch each)", low=1)
+    rollout_batch_size: int = opt(8, "prompts generated and scored per PPO step", low=1)
+    num_mini_batches: int = opt(1, "minibatches per PPO epoch (optimizer steps per epoch)", low=1)
+    num_ppo_epochs: int = opt(4, "passes over each rollout batch", low=1)
+    response_length: int = opt(53, "new tokens generated per prompt", low=1)
+    temperature: float = opt(0.7, "sampling temperature; logprobs use the same temperature", low=1e-3)
+    stop_token: str = opt("eos", "eos = truncate responses after the eos token; none = keep all tokens",
+                          choices=("eos", "none"))
+    missing_eos_penalty: float | None = opt(None, "subtracted from the score of responses without eos; null = off")
+    kl_coef: float = opt(0.05, "initial KL penalty coefficient", low=0.0)
+    kl_estimator: str = opt("k1", "per-token KL estimator", choices=("k1", "k3"))
+    adaptive_kl: bool = opt(False, "adapt kl_coef towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = opt(6.0, "target KL for the adaptive controller", low=0.0)
+    kl_horizon: int = opt(10000, "horizon of the adaptive controller", low=1)
+    cliprange: float = opt(0.2, "policy ratio clip range", low=0.0)
+    cliprange_value: float = opt(0.2, "value clip range", low=0.0)
+    vf_coef: float = opt(0.1, "value loss coefficient", low=0.0)
+    gamma: float = opt(1.0, "discount factor", low=0.0, high=1.0)
+    lam: float = opt(0.95, "GAE lambda", low=0.0, high=1.0)
+    whiten_rewards: bool = opt(False, "whiten per-token rewards before GAE")
+    normalize_scores: bool = opt(False, "normalize scores with running mean and std")
+    score_clip: float | None = opt(None, "clip (normalized) scores to [-score_clip, score_clip]; null = off")
+    learning_rate: float = opt(1e-5, "policy adapter learning rate", low=0.0)
+    value_learning_rate: float = opt(1e-5, "value adapter and head learning rate", low=0.0)
+    lr_scheduler_type: str = opt("linear", "learning-rate schedule over all PPO updates", choices=("linear", "constant"))
+    max_grad_norm: float = opt(1.0, "gradient clipping norm, applied to each role", low=0.0)
+    save_steps: int = opt(0, "checkpoint every N steps; 0 = only at the end and on Ctrl-C", low=0)
+    resume: bool = opt(False, "continue from the run directory's last checkpoint")
+    max_nan_skips: int = opt(3, "stop after this many non-finite updates in a row", low=1)
+    report_to: str = opt("none", "extra metric sink besides metrics.jsonl", choices=("none", "tensorboard", "wandb"))
+
+
+@dataclass
 class RecipeConfig:
     """The whole recipe. Sections group settings by concern, as in alignment-handbook recipes."""
 
@@ -68,6 +146,12 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the shared base"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the role adapters"})
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"help": "memory budget and planner"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets for every stage"})
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig, metadata={"help": "the SFT stage"})
+    reward_model: RewardModelStageConfig = field(default_factory=RewardModelStageConfig,
+                                                 metadata={"help": "the reward-model stage"})
+    rewards: RewardsConfig = field(default_factory=RewardsConfig, metadata={"help": "PPO reward sources"})
+    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "the PPO stage (TRL names)"})
 
 
 def _type_name(tp: Any) -> str:
@@ -85,6 +169,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, inner[0], where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads 1e-5 as a string; every ML recipe writes it that way
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -73,7 +73,7 @@ class RoleModel(nn.Module):
 
     def __init__(self, base: nn.Module, tokenizer, lora: LoraConfig, roles=("policy", "value", "reward"),
                  trainable=("policy", "value"), base_name: str = "", quantization: str = "none",
-                 sources: dict | None = None):
+                 sources: dict | None = None, seed: int = 0):
         super().__init__()
         self.tokenizer = tokenizer
         self.lora = lora
@@ -89,12 +89,14 @@ class RoleModel(nn.Module):
         self.quantization = quantization
         self.peft = None
         sources = sources or {}
-        for role in roles:
-            self._add_adapter(base, role, sources.get(role))
         self.heads = nn.ModuleDict()
         hidden = base.config.hidden_size
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # heads start the same on every rank and every run
+        # Adapters and heads start from `seed` alone, not from the global RNG: identical on every rank of a
+        # data-parallel run and in every run of a test, whatever ran before.
+        with torch.random.fork_rng(devices=[base.device] if base.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for role in roles:
+                self._add_adapter(base, role, sources.get(role))
             for head in ("value", "reward"):
                 if head == "reward" and "reward" not in roles or head == "value" and not wants_value:
                     continue
@@ -242,8 +244,9 @@ class RoleModel(nn.Module):
     def generate(self, role: str, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         with self.generation_mode():
             self.activate(role)
-            return self.causal_lm.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                                           pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+            if "generation_config" not in kwargs:
+                kwargs = {"use_cache": True, "pad_token_id": self.tokenizer.pad_token_id, **kwargs}
+            return self.causal_lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """Checkpointing only acts in train mode in transformers; dropout is 0 so train mode is otherwise neutral."""

@@ -1,0 +1,51 @@
+"""Sampling that does not depend on how the rollout batch is split.
+
+`generate(do_sample=True)` draws from one global RNG stream, so splitting a batch into micro-batches (or redoing
+one after an out-of-memory error) would change every sample and with it the whole PPO step. Instead each row gets
+its own key, and each token is the arg-max of logits/temperature plus Gumbel noise hashed from (key, position,
+token id): exactly a draw from softmax(logits / temperature) with no top-k and no top-p truncation (either would
+bias KL negative), reproducible whatever the micro-batch size, the rank count or a resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+
+_MASK63 = (1 << 63) - 1
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A splitmix64-style finaliser on int64 (wrapping arithmetic), kept to 63 bits so shifts stay logical."""
+    x = x & _MASK63
+    x = (x ^ (x >> 31)) * 0x5DEECE66D & _MASK63
+    x = (x ^ (x >> 29)) * 0x27D4EB2F165667C5 & _MASK63
+    x = (x ^ (x >> 32)) * 0x2545F4914F6CDD1D & _MASK63
+    return x ^ (x >> 29)
+
+
+def uniform_noise(keys: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """[rows, vocab] uniforms in (0, 1) determined by (row key, position, token id) only."""
+    token = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    seed = _mix(keys.to(torch.int64)[:, None] * 1_000_003 + position)
+    bits = _mix(seed * 0x9E3779B1 + token[None, :])
+    # 53 random bits -> a double in (0, 1); the half-step offset keeps it away from 0 and 1 (log stays finite)
+    return ((bits >> 10).to(torch.float64) + 0.5) / float(1 << 53)
+
+
+class KeyedGumbelSampler(LogitsProcessor):
+    """Turns greedy decoding into keyed sampling: argmax(logits / T + Gumbel(key, position)) ~ softmax(logits / T)."""
+
+    def __init__(self, row_keys: torch.Tensor, temperature: float):
+        self.row_keys = row_keys
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = uniform_noise(self.row_keys.to(scores.device), input_ids.shape[1], scores.shape[-1])
+        gumbel = -torch.log(-torch.log(u))
+        return scores.float() / self.temperature + gumbel.to(torch.float32)
+
+
+def row_keys(seed: int, step: int, prompt_index: torch.Tensor) -> torch.Tensor:
+    """One key per (run seed, PPO step, prompt row): the same row samples the same tokens in any micro-batch."""
+    return _mix(torch.as_tensor(prompt_index, dtype=torch.int64) + (seed * 1_000_033 + step) * 2_147_483_647)
