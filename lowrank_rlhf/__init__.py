@@ -1,0 +1,21 @@
+"""lowrank_rlhf: RLHF (SFT -> reward model -> PPO) for LLaMA-family models on one consumer GPU.
+
+One 4-bit or 8-bit base is loaded once; LoRA adapters on it play every role (policy, value, reward, the frozen SFT
+reference). The PPO loop plans micro-batches to fit the card and recovers from out-of-memory errors.
+"""
+
+from .config import ConfigError, RecipeConfig, load_recipe
+from .memory import MemoryBudgetError, MemoryPlan, ModelShape
+from .models import build_smollm2, build_tiny_llama, load_base
+from .pipeline import build_trainer, load_roles, run_stages
+from .planning import plan_recipe
+from .roles import BASE, REFERENCE, RoleModel
+from .trainer import PPOTrainer, Rollout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BASE", "REFERENCE", "ConfigError", "MemoryBudgetError", "MemoryPlan", "ModelShape", "PPOTrainer",
+    "RecipeConfig", "RoleModel", "Rollout", "build_smollm2", "build_tiny_llama", "build_trainer", "load_base",
+    "load_recipe", "load_roles", "plan_recipe", "run_stages",
+]

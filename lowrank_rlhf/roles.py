@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ROLES = ("policy", "value", "reward", "sft")
 REFERENCE = "reference"  # a virtual role: sft if present, else the base with adapters disabled
+BASE = "base"  # a virtual role: the base with every adapter disabled
 META_FILE = "lowrank_rlhf.json"
 HEAD_FILES = {"value": "value_head.safetensors", "reward": "reward_head.safetensors"}
 # The architecture fields that decide whether adapters fit a base; the name alone may differ (a moved checkpoint).
@@ -139,6 +140,8 @@ class RoleModel(nn.Module):
         """The adapter that plays `role`; None means 'adapters disabled' (the reference without an sft adapter)."""
         if role == REFERENCE:
             return "sft" if "sft" in self.roles else None
+        if role == BASE:
+            return None
         if role == "value" and self.critic == "shared":
             return "policy"
         if role not in self.roles:
@@ -282,17 +285,21 @@ class RoleModel(nn.Module):
         """Each adapter in RUN/<role> in plain PEFT format; heads as safetensors beside their adapter; a JSON."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        for role in roles or self.roles:
+        roles = list(roles or self.roles)
+        for role in roles:
             self.peft.save_pretrained(str(run_dir), selected_adapters=[role])
         for head, module in self.heads.items():
             owner = self.adapter_for(head)
+            if owner not in roles:
+                continue
             state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
             save_file(state, str(run_dir / owner / HEAD_FILES[head]))
         (run_dir / META_FILE).write_text(json.dumps(self.metadata(), indent=2))
 
     @classmethod
     def load(cls, base: nn.Module, tokenizer, run_dir: str | Path, lora: LoraConfig, base_name: str = "",
-             quantization: str = "none", roles=("policy", "value", "reward"), trainable=("policy", "value")):
+             quantization: str = "none", roles=("policy", "value", "reward"), trainable=("policy", "value"),
+             seed: int = 0):
         """Rebuild the roles from a run directory. `policy` falls back to a copy of `sft` when the run has none."""
         run_dir = Path(run_dir)
         meta = read_run_metadata(run_dir)
@@ -308,7 +315,7 @@ class RoleModel(nn.Module):
             if (src / "adapter_config.json").is_file():
                 sources[role] = src
         model = cls(base, tokenizer, lora, roles=roles, trainable=trainable, base_name=base_name,
-                    quantization=quantization, sources=sources)
+                    quantization=quantization, sources=sources, seed=seed)
         for head in model.heads:
             path = run_dir / model.adapter_for(head) / HEAD_FILES[head]
             if path.is_file():

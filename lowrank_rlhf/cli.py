@@ -1,0 +1,147 @@
+"""`lowrank-rlhf` (also `python -m lowrank_rlhf`): quickstart, train, plan, generate, export, bench.
+
+User errors (a bad recipe key, a missing file, a budget below the floor...) print one line and exit with code 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError)
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(output_dir=Path(args.output_dir), smoke=args.smoke, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_recipe
+    from .pipeline import STAGES, run_stages
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    results = run_stages(cfg, stages, Path(args.output_dir) if args.output_dir else None, overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in results.items() if k != "ppo"} | {
+        "ppo_steps": results.get("ppo", {}).get("steps")}, default=str, indent=1))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import load_recipe
+    from .planning import plan_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    memory_plan = plan_recipe(cfg, budget=args.budget)
+    if args.json:
+        print(json.dumps(memory_plan.to_dict(), indent=1))
+    else:
+        print(f"{args.recipe}: {cfg.model.name} ({cfg.model.quantization}), LoRA r={cfg.lora.r}, "
+              f"prompt {cfg.data.max_prompt_length} + response {cfg.ppo.response_length}, "
+              f"rollout batch {cfg.ppo.rollout_batch_size}")
+        print(memory_plan.table())
+        print("fits" if memory_plan.fits else "does NOT fit: lower the batch or the lengths, or raise the budget")
+    return 0 if memory_plan.fits else 1
+
+
+def cmd_generate(args) -> int:
+    from .serving import generate_from_run
+
+    for text in generate_from_run(Path(args.run), args.prompt, role=args.role, max_new_tokens=args.max_new_tokens):
+        print(text)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .serving import export_run
+
+    out = export_run(Path(args.run), Path(args.out), merge=args.merge, overwrite=args.overwrite)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank-rlhf", description="RLHF (SFT -> reward model -> PPO) for "
+                                     "LLaMA-family models on one GPU: one quantized base, LoRA adapters for every "
+                                     "role.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="all three stages on the embedded SmolLM2-135M (the clickbait test)")
+    p.add_argument("--smoke", action="store_true", help="the same path in about two minutes (for CI)")
+    p.add_argument("--output-dir", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("train", help="run a recipe's stages")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--stage", default="all", choices=("sft", "reward", "ppo", "all"), help="stage(s) to run")
+    p.add_argument("--output-dir", help="run directory; overrides the recipe's run_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace this stage's existing results")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. ppo.kl_coef=0.1")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="the memory plan per phase for a recipe")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--budget", help="memory budget, e.g. 24GiB (default: the recipe's memory.budget)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("generate", help="answer a prompt with a run's trained policy")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for several)")
+    p.add_argument("--role", default="policy", choices=("policy", "sft", "base"), help="which adapter answers")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export a run's policy: the adapter alone, or merged into a bf16 model")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--merge", action="store_true", help="merge the policy into an unquantized bf16 model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="memory and speed: our one-base layout against the four-model layout")
+    from . import bench
+
+    bench.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is in the run directory; rerun with ppo.resume=true",
+              file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

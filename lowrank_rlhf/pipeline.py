@@ -1,0 +1,166 @@
+"""The recipe, end to end: SFT -> reward model -> PPO, each stage writing its part of one run directory.
+
+    RUN/recipe.yaml          the resolved recipe
+    RUN/sft/                 SFT adapter (TRL SFTTrainer)         -> the reference; policy starts as a copy
+    RUN/reward/              reward adapter + reward_head (TRL RewardTrainer)
+    RUN/policy/, RUN/value/  PPO's trained roles (+ value_head)
+    RUN/checkpoint/          the latest PPO checkpoint (atomic, with a manifest)
+    RUN/metrics.jsonl        one line per PPO step
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import data, rewards
+from .config import ConfigError, RecipeConfig, to_dict
+from .memory import ModelShape
+from .models import load_base
+from .planning import enforce_budget, gradient_checkpointing, micro_batches, plan_recipe
+from .roles import META_FILE, RoleModel
+from .trainer import PPOTrainer, Rollout
+
+log = logging.getLogger(__name__)
+STAGES = ("sft", "reward", "ppo")
+
+
+class RunDirError(ValueError):
+    """The output directory holds results that this command would overwrite."""
+
+
+def stage_outputs(run_dir: Path, stage: str) -> list[Path]:
+    names = {"sft": ["sft"], "reward": ["reward"], "ppo": ["policy", "value", "checkpoint", "metrics.jsonl"]}[stage]
+    return [run_dir / n for n in names if (run_dir / n).exists()]
+
+
+def check_run_dir(cfg: RecipeConfig, run_dir: Path, stages: list[str], overwrite: bool) -> None:
+    """Refuse to overwrite a stage's results unless --overwrite, or ppo.resume for the PPO stage."""
+    if overwrite:
+        return
+    for stage in stages:
+        if stage == "ppo" and cfg.ppo.resume:
+            continue
+        found = stage_outputs(run_dir, stage)
+        if found:
+            raise RunDirError(f"{run_dir} already holds {stage} results ({found[0].name}); pass --overwrite, set "
+                              f"ppo.resume=true, or choose another --output-dir")
+
+
+@dataclass
+class Scorer:
+    """The PPO score: rewards.learned_weight x the reward adapter + Python functions x their weights."""
+
+    model: RoleModel
+    cfg: RecipeConfig
+    prompt_texts: list[str]
+    columns: dict[str, list]
+
+    def __post_init__(self):
+        self.functions = rewards.load_reward_functions(self.cfg.rewards.functions, self.cfg.rewards.function_weights)
+
+    def __call__(self, rollout: Rollout, runner) -> torch.Tensor:
+        parts, weights = {}, {}
+        if self.cfg.rewards.learned_weight:
+            parts["learned"] = self.model.rewards(rollout.input_ids, rollout.attention_mask, runner=runner).cpu()
+            weights["learned"] = self.cfg.rewards.learned_weight
+        if self.functions:
+            rows = rollout.prompt_index.tolist()
+            tok = self.model.tokenizer
+            completions = tok.batch_decode(rollout.responses * rollout.response_mask +
+                                           tok.pad_token_id * (1 - rollout.response_mask), skip_special_tokens=True)
+            prompts = [self.prompt_texts[i] for i in rows]
+            columns = {k: [v[i] for i in rows] for k, v in self.columns.items()}
+            for spec, (fn, weight) in self.functions.items():
+                parts[spec] = rewards.call_reward_function(fn, prompts, completions, name=spec, **columns)
+                weights[spec] = weight
+        return rewards.combine_scores(parts, weights)
+
+
+def save_recipe(cfg: RecipeConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def run_sft(cfg: RecipeConfig, run_dir: Path) -> dict:
+    from .stages import train_sft
+
+    if not cfg.data.sft:
+        raise ConfigError("data.sft: no SFT data given; set data.sft or run --stage reward/ppo")
+    return train_sft(cfg, data.load_sft(cfg.data.sft, cfg.data.max_samples), run_dir)
+
+
+def run_reward(cfg: RecipeConfig, run_dir: Path) -> dict:
+    from .stages import train_reward
+
+    if not cfg.data.preferences:
+        raise ConfigError("data.preferences: no preference data given; set data.preferences or "
+                          "rewards.learned_weight=0")
+    pairs = data.load_preferences(cfg.data.preferences, cfg.data.max_samples)
+    train, held_out = data.holdout_split(pairs, cfg.data.eval_fraction, cfg.seed)
+    return train_reward(cfg, train, run_dir, eval_dataset=held_out)
+
+
+def load_roles(cfg: RecipeConfig, run_dir: Path, base=None, tokenizer=None) -> RoleModel:
+    """The PPO roles on one base: sft and reward from the run if present, policy from sft (or fresh), value fresh
+    (or from the run when resuming)."""
+    if base is None:
+        base, tokenizer = load_base(cfg.model)
+    wanted = ["policy", "value"]
+    if (run_dir / "sft" / "adapter_config.json").is_file():
+        wanted.append("sft")
+    if cfg.rewards.learned_weight:
+        if not (run_dir / "reward" / "adapter_config.json").is_file():
+            raise ConfigError(f"rewards.learned_weight: {cfg.rewards.learned_weight} needs a reward model in "
+                              f"{run_dir}/reward; run --stage reward first or set rewards.learned_weight=0")
+        wanted.append("reward")
+    kwargs = dict(base_name=cfg.model.name, quantization=cfg.model.quantization, roles=tuple(wanted), seed=cfg.seed)
+    if (run_dir / META_FILE).is_file():
+        return RoleModel.load(base, tokenizer, run_dir, cfg.lora, **kwargs)
+    return RoleModel(base, tokenizer, cfg.lora, seed=cfg.seed, **kwargs)
+
+
+def build_trainer(cfg: RecipeConfig, run_dir: Path, model: RoleModel | None = None, **trainer_kwargs) -> PPOTrainer:
+    """Everything PPO needs: roles, the memory plan and its budget, the prompts and the scorer."""
+    model = model or load_roles(cfg, run_dir)
+    memory_plan = plan_recipe(cfg, shape=ModelShape.from_hf_config(model.causal_lm.config))
+    enforce_budget(memory_plan.budget_bytes, model.device)
+    model.set_gradient_checkpointing(gradient_checkpointing(cfg, memory_plan))
+    if not cfg.data.prompts:
+        raise ConfigError("data.prompts: no PPO prompts given; set data.prompts")
+    table = data.load_prompts(cfg.data.prompts, cfg.data.max_samples)
+    texts = data.prompt_texts(table, model.tokenizer)
+    ids = data.encode_prompts(table, model.tokenizer, cfg.data.max_prompt_length, cfg.data.long_prompts)
+    columns = {c: table[c] for c in table.column_names if c != "prompt"}
+    log.info("memory plan:\n%s", memory_plan.table())
+    trainer_kwargs.setdefault("micro_batches", micro_batches(cfg, memory_plan))
+    return PPOTrainer(model, cfg, ids, Scorer(model, cfg, texts, columns), run_dir=run_dir, **trainer_kwargs)
+
+
+def run_ppo(cfg: RecipeConfig, run_dir: Path, **trainer_kwargs) -> list[dict]:
+    return build_trainer(cfg, run_dir, **trainer_kwargs).train()
+
+
+def run_stages(cfg: RecipeConfig, stages: list[str], run_dir: Path | None = None, overwrite: bool = False) -> dict:
+    """Run the chosen stages in order; returns each stage's summary."""
+    run_dir = Path(run_dir or cfg.run_dir)
+    check_run_dir(cfg, run_dir, stages, overwrite)
+    save_recipe(cfg, run_dir)
+    results: dict = {}
+    torch.manual_seed(cfg.seed)
+    if "sft" in stages and cfg.sft.enabled:
+        results["sft"] = run_sft(cfg, run_dir)
+    if "reward" in stages and cfg.reward_model.enabled and cfg.rewards.learned_weight:
+        results["reward"] = run_reward(cfg, run_dir)
+    if "ppo" in stages:
+        if overwrite and not cfg.ppo.resume:  # a fresh PPO run starts from sft, not from the last run's policy
+            for path in stage_outputs(run_dir, "ppo"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        history = run_ppo(cfg, run_dir)
+        results["ppo"] = {"steps": len(history), "last": history[-1] if history else None}
+    return results

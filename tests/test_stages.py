@@ -1,0 +1,219 @@
+"""SFT and reward stages on tiny-llama in 4-bit on CPU: they train, save plain PEFT adapters + our head format, and
+what PPO loads (RoleModel) reproduces what TRL trained."""
+
+import json
+import socket
+
+import datasets
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_batch
+from lowrank_rlhf import data, stages
+from lowrank_rlhf.config import LoraConfig, ModelConfig, RecipeConfig
+from lowrank_rlhf.models import load_base, load_tokenizer
+from lowrank_rlhf.roles import REFERENCE, RoleModel
+
+ALL_ROLES = ("policy", "value", "reward", "sft")
+RAMBLE = "well, it is hard to say, there are many sides to this and I would rather not commit"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_single_thread():
+    """Every stage runs offline: any socket connect fails the test. One thread: tiny-llama's matmuls are too small
+    to share, and with the CPUs busy (parallel test runs) OpenMP's thread barriers made a step 40x slower."""
+    def deny(*args, **kwargs):
+        raise AssertionError("a stage tried to reach the network")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", deny)
+        yield
+    torch.set_num_threads(threads)
+
+
+def recipe() -> RecipeConfig:
+    cfg = RecipeConfig(model=ModelConfig(name="tiny-llama", quantization="4bit", device="cpu"),
+                       lora=LoraConfig(r=8, alpha=16))
+    cfg.sft.max_steps, cfg.sft.batch_size, cfg.sft.learning_rate = 4, 4, 1e-3
+    cfg.reward_model.max_steps, cfg.reward_model.batch_size, cfg.reward_model.learning_rate = 20, 8, 1e-3
+    return cfg
+
+
+def sft_data(n=16) -> datasets.Dataset:
+    words = ["yes", "no", "maybe", "fine"]
+    return datasets.Dataset.from_list([{"prompt": f"say {w}", "completion": w} for w in words * (n // 4)])
+
+
+def toy_pairs(n, offset=0) -> datasets.Dataset:
+    """Trivially separable: chosen is always 'yes', rejected always a long ramble."""
+    return datasets.Dataset.from_list([{"prompt": f"question {i}?", "chosen": "yes", "rejected": RAMBLE}
+                                       for i in range(offset, offset + n)])
+
+
+def load_roles(cfg, run_dir, roles=ALL_ROLES):
+    base, tok = load_base(cfg.model)
+    return RoleModel.load(base, tok, run_dir, cfg.lora, base_name=cfg.model.name,
+                          quantization=cfg.model.quantization, roles=roles)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(scope="module")
+def sft_run(run_dir):
+    cfg = recipe()
+    return cfg, stages.train_sft(cfg, sft_data(), run_dir)
+
+
+# ---- rendering ----------------------------------------------------------------------------------------------------
+
+def test_examples_are_encoded_as_a_ppo_rollout_lays_them_out(tiny_path):
+    """Prompt ids exactly as PPO encodes its prompts, then the answer, ending with eos and nothing after it."""
+    tok = load_tokenizer(str(tiny_path))
+    user, answer = [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yes"}]
+    assert stages.render_example(tok, user, answer) == "user: hi</s>\nassistant: yes</s>"
+    assert stages.render_example(tok, "", user + answer) == "user: hi</s>\nassistant: yes</s>"  # implicit prompt
+    assert stages.render_example(tok, "hi ", "yes") == "hi yes</s>"  # plain text stays plain
+    for prompt, completion in [(user, answer), ("hi ", "yes"), (user, "yes")]:
+        ids = stages.encode_example(tok, prompt, completion)
+        prompt_ids = data.encode_prompts([prompt], tok, max_prompt_length=1000)[0]
+        assert ids[:len(prompt_ids)] == prompt_ids
+        assert tok.decode(ids[len(prompt_ids):]) == "yes</s>" and ids[-1] == tok.eos_token_id
+        assert tok.decode(ids) == stages.render_example(tok, prompt, completion)
+
+
+def test_pooling_pad_id_avoids_a_pad_that_ends_sequences(tiny_path):
+    """pad == eos (LLaMA-2) with eos-terminated sequences would make TRL score the token before eos."""
+    tok = load_tokenizer(str(tiny_path))
+    assert stages.pooling_pad_id(tok, [[5, 6, tok.eos_token_id]]) == tok.pad_token_id
+    tok.pad_token = tok.eos_token
+    pad = stages.pooling_pad_id(tok, [[5, 6, tok.eos_token_id], [7, tok.unk_token_id]])
+    assert pad not in (tok.eos_token_id, tok.unk_token_id)
+
+
+# ---- SFT ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["text", "conversational", "messages"])
+def test_sft_loss_is_on_the_completion_only(fmt, run_dir, tiny_path):
+    rows = {"text": {"prompt": "say yes", "completion": "yes"},
+            "conversational": {"prompt": [{"role": "user", "content": "say yes"}],
+                               "completion": [{"role": "assistant", "content": "yes"}]},
+            "messages": {"messages": [{"role": "user", "content": "say no"}, {"role": "assistant", "content": "no"},
+                                      {"role": "user", "content": "say yes"},
+                                      {"role": "assistant", "content": "yes"}]}}[fmt]
+    trainer = stages.sft_trainer(recipe(), datasets.Dataset.from_list([rows]), run_dir / f"scratch-{fmt}")
+    ex = trainer.train_dataset[0]
+    tok = trainer.processing_class
+    trained = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    # the (last) assistant turn with its eos, no prompt tokens; plain text stays plain, conversations are templated
+    assert tok.decode(trained) == ("yes</s>" if fmt == "text" else "yes</s>\n")
+    assert tok.decode(ex["input_ids"]).endswith("say yes" + ("yes</s>" if fmt == "text" else
+                                                             "</s>\nassistant: yes</s>\n"))
+
+
+def test_sft_trains_and_saves_plain_peft(sft_run, run_dir, load_tiny):
+    cfg, metrics = sft_run
+    assert metrics["steps"] == 4 and metrics["seconds"] > 0
+    assert metrics["train_loss_first"] > 0 and metrics["train_loss_last"] > 0
+    weights = load_file(str(run_dir / "sft" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero: it trained
+    base, _ = load_tiny("4bit")
+    model = peft.PeftModel.from_pretrained(base, str(run_dir / "sft"))  # plain PEFT, no code of ours
+    state = peft.get_peft_model_state_dict(model)
+    assert set(state) == set(weights)
+    assert all(torch.equal(state[k].float(), weights[k].float()) for k in weights)
+    meta = json.loads((run_dir / "lowrank_rlhf.json").read_text())
+    assert "sft" in meta["roles"] and meta["quantization"] == "4bit" and meta["base"]["name"] == "tiny-llama"
+
+
+def test_policy_starts_as_sft_with_zero_kl(sft_run, run_dir):
+    cfg, _ = sft_run
+    model = load_roles(cfg, run_dir)
+    ids, mask, start = make_batch(model.tokenizer)
+    with torch.no_grad():
+        policy = model.response_logprobs("policy", ids, mask, start)["logprobs"]
+        reference = model.response_logprobs(REFERENCE, ids, mask, start)["logprobs"]
+        model.activate("policy")
+        with model.peft.disable_adapter():
+            plain = model.causal_lm(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(policy, reference)
+    assert ((policy - reference) * mask[:, start:]).sum().item() == 0.0  # k1 KL at step 0
+    model.activate("policy")
+    with torch.no_grad():
+        tuned = model.causal_lm(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(tuned, plain)  # the sft adapter is really there, not a fresh one
+
+
+# ---- reward model -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reward_run(sft_run, run_dir):
+    """The stage's building blocks, so the test can compare TRL's trained model with what RoleModel loads."""
+    cfg, _ = sft_run
+    trainer = stages.reward_trainer(cfg, toy_pairs(16), run_dir / "scratch-reward")
+    trainable = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+    result = trainer.train()
+    stages.save_reward(trainer, cfg, run_dir)
+    return cfg, trainer, result, trainable
+
+
+def test_reward_trainer_keeps_trainables_in_compute_dtype(reward_run):
+    """TRL 1.16 casts LoRA + score to bf16 on a quantized model; on CPU that breaks the score matmul."""
+    _, trainer, result, trainable = reward_run
+    assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
+    assert set(trainable.values()) == {torch.float32}
+    assert result.global_step == 20
+
+
+def test_reward_saves_causal_adapter_and_head(reward_run, run_dir):
+    cfg, trainer, _, _ = reward_run
+    folder = run_dir / "reward"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and not config["modules_to_save"]
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k and k.startswith("base_model.model.model.layers.") for k in weights)
+    head = load_file(str(folder / "reward_head.safetensors"))
+    hidden = trainer.model.config.hidden_size
+    assert head["weight"].shape == (1, hidden) and head["weight"].dtype == torch.float32
+    assert torch.equal(head["bias"], torch.zeros(1))
+    meta = json.loads((run_dir / "lowrank_rlhf.json").read_text())
+    assert {"sft", "reward"} <= set(meta["roles"]) and "reward" in meta["heads"]
+    # the LoRA keys land on the causal LM: every reward LoRA weight loads with the trained value
+    model = load_roles(cfg, run_dir)
+    loaded = peft.get_peft_model_state_dict(model.peft, adapter_name="reward")
+    assert set(loaded) == set(weights)
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    assert torch.equal(model.heads["reward"].weight.detach(), head["weight"])
+
+
+def test_role_model_reward_equals_trl_score(reward_run, run_dir):
+    cfg, trainer, _, _ = reward_run
+    rows = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(rows)  # TRL pads on the right: chosen rows first, then rejected
+    assert (batch["attention_mask"] == 0).any()
+    trainer.model.eval()
+    with torch.no_grad():
+        trl_scores = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model = load_roles(cfg, run_dir, roles=("policy", "reward"))
+    sequences = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    ours = stages.score_sequences(model, sequences)  # left-padded, read at the last attended token
+    torch.testing.assert_close(ours, trl_scores.squeeze(-1).float(), atol=1e-4, rtol=1e-4)
+    alone = stages.score_sequences(model, sequences[:1])  # no padding at all
+    torch.testing.assert_close(alone, ours[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_train_reward_separates_a_toy_preference_set(tmp_path):
+    cfg = recipe()
+    metrics = stages.train_reward(cfg, toy_pairs(32), tmp_path, eval_dataset=toy_pairs(16, offset=100))
+    assert isinstance(metrics["eval_accuracy"], float) and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["eval_accuracy"] >= 0.9
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["steps"] == 20 and metrics["eval_pairs"] == 16 and metrics["seconds"] > 0
+    assert (tmp_path / "reward" / "reward_head.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch dirs are cleaned up
