@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 install: $(VENV)/.installed
 
 quickstart: install
-	$(PY) -m lowrank_rlhf quickstart
+	$(PY) -m lowrank_rlhf quickstart --overwrite
 
 test: install
 	$(PY) -m pytest -q

@@ -12,7 +12,21 @@ import logging
 import sys
 from pathlib import Path
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that a user's input causes and one line explains; anything else is a bug and keeps its traceback."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .memory import MemoryBudgetError, MicroBatchOOMError
+    from .pipeline import RunDirError
+    from .rewards import RewardFunctionError
+    from .roles import BaseMismatchError
+    from .trainer import NonFiniteError
+
+    return (ConfigError, DataError, RewardFunctionError, MemoryBudgetError, MicroBatchOOMError, BaseMismatchError,
+            RunDirError, CheckpointError, NonFiniteError, FileNotFoundError)
 
 
 def cmd_quickstart(args) -> int:
@@ -125,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after options (argparse alone would refuse the latter)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -135,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the last checkpoint is in the run directory; rerun with ppo.resume=true",
               file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
+    except user_errors() as err:
         if args.debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

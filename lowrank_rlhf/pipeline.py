@@ -122,18 +122,20 @@ def load_roles(cfg: RecipeConfig, run_dir: Path, base=None, tokenizer=None) -> R
     kwargs = dict(base_name=cfg.model.name, quantization=cfg.model.quantization, roles=tuple(wanted), seed=cfg.seed)
     if (run_dir / META_FILE).is_file():
         return RoleModel.load(base, tokenizer, run_dir, cfg.lora, **kwargs)
-    return RoleModel(base, tokenizer, cfg.lora, seed=cfg.seed, **kwargs)
+    return RoleModel(base, tokenizer, cfg.lora, **kwargs)
 
 
 def build_trainer(cfg: RecipeConfig, run_dir: Path, model: RoleModel | None = None, **trainer_kwargs) -> PPOTrainer:
     """Everything PPO needs: roles, the memory plan and its budget, the prompts and the scorer."""
+    # data and reward-function errors first: a typo must not wait for a 7B model to load
+    if not cfg.data.prompts:
+        raise ConfigError("data.prompts: no PPO prompts given; set data.prompts")
+    table = data.load_prompts(cfg.data.prompts, cfg.data.max_samples)
+    rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)
     model = model or load_roles(cfg, run_dir)
     memory_plan = plan_recipe(cfg, shape=ModelShape.from_hf_config(model.causal_lm.config))
     enforce_budget(memory_plan.budget_bytes, model.device)
     model.set_gradient_checkpointing(gradient_checkpointing(cfg, memory_plan))
-    if not cfg.data.prompts:
-        raise ConfigError("data.prompts: no PPO prompts given; set data.prompts")
-    table = data.load_prompts(cfg.data.prompts, cfg.data.max_samples)
     texts = data.prompt_texts(table, model.tokenizer)
     ids = data.encode_prompts(table, model.tokenizer, cfg.data.max_prompt_length, cfg.data.long_prompts)
     columns = {c: table[c] for c in table.column_names if c != "prompt"}

@@ -43,7 +43,7 @@ def model_shape(name: str, trust_remote_code: bool = False) -> ModelShape:
 def available_bytes(device: torch.device) -> int:
     """Free memory now: the CUDA device's, or the machine's available RAM on CPU."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free, _ = torch.cuda.mem_get_info(device.index if device.index is not None else None)
         return int(free)
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -64,8 +64,9 @@ def enforce_budget(budget: int, device: torch.device) -> None:
     """Make an 80 GB card behave like a 24 GB one: the caching allocator refuses to grow past the budget."""
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
 
 
 def plan_recipe(cfg: RecipeConfig, budget: str | int | None = None, shape: ModelShape | None = None) -> MemoryPlan:

@@ -23,7 +23,7 @@ import torch
 from transformers import GenerationConfig
 
 from . import checkpoint as ckpt
-from .config import RecipeConfig, to_dict
+from .config import ConfigError, RecipeConfig, to_dict
 from .memory import MicroBatchRunner
 from .ppo import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits, gae,
                   kl_penalty, masked_mean, masked_whiten, normalize_and_clip_scores, policy_loss, token_rewards,
@@ -92,7 +92,7 @@ class PPOTrainer:
         from accelerate import PartialState
 
         if not prompts:
-            raise ValueError("PPO needs at least one prompt")
+            raise ConfigError("data.prompts: PPO needs at least one prompt")
         self.model, self.cfg, self.ppo = model, cfg, cfg.ppo
         self.prompts, self.scorer = prompts, scorer
         self.run_dir = Path(run_dir or cfg.run_dir)
@@ -100,7 +100,7 @@ class PPOTrainer:
         self.show_progress, self.on_step = show_progress, on_step
         self.state = PartialState()
         if self.ppo.rollout_batch_size % self.ppo.num_mini_batches:
-            raise ValueError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be divisible by "
+            raise ConfigError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be divisible by "
                              f"ppo.num_mini_batches ({self.ppo.num_mini_batches})")
         micro_batches = micro_batches or {}
         oom_injection = oom_injection or {}

@@ -1,0 +1,261 @@
+"""The benchmark on CPU: its JSON schema and outputs, the four-model baseline's correctness, random LLaMA bases."""
+
+import argparse
+import json
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+from transformers import LlamaConfig
+
+from lowrank_rlhf import bench
+from lowrank_rlhf.config import load_recipe
+from lowrank_rlhf.four_model import FourModelRoles, plan_four_model, predicted_peaks
+from lowrank_rlhf.memory import LLAMA2_7B, LLAMA2_13B, MemoryBudgetError, ModelShape, lora_params, weight_bytes
+from lowrank_rlhf.models import load_base
+from lowrank_rlhf.random_models import DECODER_LINEARS, build_random_llama, llama_config, model_weight_bytes
+from lowrank_rlhf.roles import RoleModel
+from lowrank_rlhf.trainer import PPOTrainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are dominated by per-op overhead; extra intra-op threads only add contention (~100x on a busy
+    2-core runner)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_ARGS = ["--batch", "2", "--prompt-len", "8", "--response-len", "4", "--steps", "1", "--warmup", "1",
+             "--ppo-epochs", "1", "--lora-r", "4", "--device", "cpu"]
+
+
+def run_bench(tmp_path, *extra):
+    path = tmp_path / "out" / "bench.json"
+    code = bench.main([*TINY_ARGS, "--json", str(path), *extra])
+    return code, json.loads(path.read_text()), path
+
+
+def tiny_recipe(tmp_path, *overrides):
+    return load_recipe(None, ["model.device=cpu", "model.quantization=4bit", "lora.r=4", f"run_dir={tmp_path}",
+                              "ppo.total_steps=1", "ppo.rollout_batch_size=4", "ppo.response_length=4",
+                              "ppo.num_ppo_epochs=1", "ppo.temperature=1.0", "ppo.learning_rate=1e-2",
+                              "ppo.value_learning_rate=1e-2", *overrides])
+
+
+def prompts_for(vocab_size, n=8, length=6):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab_size, (n, length), generator=g).tolist()
+
+
+def reward_head_scorer(model):
+    return lambda rollout, runner: model.rewards(rollout.input_ids, rollout.attention_mask, runner=runner)
+
+
+def snapshot(module) -> dict:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def changed(before: dict, module) -> set:
+    return {name for name, p in module.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+# ================================================================================================ the CLI and JSON
+def test_flags_have_the_issue_defaults():
+    args = bench.add_arguments(argparse.ArgumentParser()).parse_args([])
+    assert (args.batch, args.prompt_len, args.response_len, args.quantization, args.layouts) == (
+        32, 256, 256, "4bit", "ours,four-model")
+    assert bench.parse_micro_batch("generate=8, score=4,train=2") == {"generate": 8, "score": 4, "train": 2}
+    with pytest.raises(ValueError, match="phase=N"):
+        bench.parse_micro_batch("decode=8")
+    with pytest.raises(ValueError, match="allowed layouts"):
+        bench.parse_layouts("ours,trl")
+
+
+def test_bench_writes_json_markdown_and_plot_for_every_layout(tmp_path):
+    code, report, path = run_bench(tmp_path, "--model", "tiny-llama", "--layouts", "ours,four-model,ours-matched")
+    assert code == 0
+    for key, kind in (("schema_version", int), ("date", str), ("device", dict), ("versions", dict), ("args", dict),
+                      ("model", dict), ("workload", dict), ("budget_bytes", int), ("layouts", dict),
+                      ("ratios", dict), ("checks", list), ("outputs", dict)):
+        assert isinstance(report[key], kind), key
+    assert report["device"]["type"] == "cpu" and report["device"]["bandwidth_bytes_per_s"] is None
+    assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(report["versions"])
+    assert report["model"]["shape"]["num_layers"] == 2 and report["workload"]["tokens_per_step"] == 2 * (8 + 4)
+    assert list(report["layouts"]) == ["ours", "four-model", "ours-matched"]
+    for name, layout in report["layouts"].items():
+        assert set(layout) >= set(bench.LAYOUT_KEYS), name
+        assert layout["status"] == "ok" and layout["error"] is None, layout["error"]
+        assert [s["warmup"] for s in layout["steps"]] == [True, False]
+        for phase in ("generate", "score", "train"):
+            assert isinstance(layout["micro_batches"][phase], int)
+            assert set(layout["peak_bytes"][phase]) == {"allocated", "reserved"}  # null without CUDA
+            assert layout["predicted_peak_bytes"][phase] > 0
+            assert layout["time_s"][phase] > 0
+        for key in ("step_time_s", "generate_tokens_per_s", "score_tokens_per_s", "train_tokens_per_s",
+                    "decode_ms_per_step", "decode_ms_per_step_per_pass", "build_s"):
+            assert isinstance(layout[key], float) and layout[key] > 0, (name, key)
+        assert layout["weight_read_floor_ms"] is None and layout["decode_over_floor"] is None  # no bandwidth on CPU
+        assert layout["response_length"] == 4.0  # forced length: no early EOS
+        generation = layout["generation"]
+        assert generation["kv_cache_used"] and not generation["gradient_checkpointing_during_generate"]
+        assert layout["oom_events"] == []
+    ours, four = report["layouts"]["ours"], report["layouts"]["four-model"]
+    assert four["weight_bytes"] == 3 * ours["weight_bytes"] and four["decode_weight_bytes"] == ours["weight_bytes"]
+    assert report["layouts"]["ours-matched"]["micro_batches"] == four["micro_batches"]
+    assert set(report["ratios"]) == {"ours/four-model", "ours-matched/four-model"}
+    assert report["ratios"]["ours/four-model"]["step_time_s"] == pytest.approx(
+        ours["step_time_s"] / four["step_time_s"])
+    for check in report["checks"]:
+        assert set(check) == {"name", "value", "target", "passed"}
+    markdown = path.with_suffix(".md").read_text()
+    assert "| | ours | four-model | ours-matched |" in markdown and "step time (s)" in markdown
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_micro_batch_override_on_a_random_base(tmp_path):
+    code, report, _ = run_bench(tmp_path, "--model", "random-tiny", "--layouts", "ours",
+                                "--micro-batch", "generate=1,score=2,train=1")
+    ours = report["layouts"]["ours"]
+    assert code == 0 and ours["status"] == "ok"
+    assert ours["micro_batches"] == {"generate": 1, "score": 2, "train": 1} and ours["generate_passes"] == 2
+    assert ours["decode_ms_per_step_per_pass"] == pytest.approx(ours["decode_ms_per_step"] / 2)
+    assert report["model"]["random_weights"] and ours["compute_dtypes"] == ["float32"]
+
+
+@pytest.mark.parametrize("budget, reason", [("1KiB", "static floor"), ("1MiB", "at micro-batch 1")])
+def test_a_layout_that_does_not_fit_is_recorded_not_run(tmp_path, budget, reason):
+    code, report, path = run_bench(tmp_path, "--model", "tiny-llama", "--budget", budget)
+    assert code == 1
+    for layout in report["layouts"].values():
+        assert layout["status"] == "does-not-fit" and reason in layout["error"], layout["error"]
+        assert layout["steps"] == [] and layout["step_time_s"] is None
+    assert report["ratios"] == {}
+    assert path.with_suffix(".md").is_file() and path.with_suffix(".png").is_file()
+
+
+def test_a_fatal_oom_in_one_layout_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(FourModelRoles, "token_values", out_of_memory)  # the runner halves 2 -> 1, then gives up
+    code, report, path = run_bench(tmp_path, "--model", "tiny-llama", "--layouts", "four-model,ours")
+    four, ours = report["layouts"]["four-model"], report["layouts"]["ours"]
+    assert code == 1 and ours["status"] == "ok"
+    assert four["status"] == "error" and four["error"].startswith("MicroBatchOOMError: phase 'score'")
+    assert four["oom_events"] == [{"phase": "score", "from": 2, "to": 1}] and four["build_s"] > 0
+    assert report["ratios"] == {} and "four-model: error" in path.with_suffix(".md").read_text()
+
+
+# ================================================================================================ four-model layout
+def test_four_model_layout_kl_zero_and_only_policy_and_value_train(tmp_path):
+    cfg = tiny_recipe(tmp_path)
+    model = FourModelRoles.build(lambda i: load_base(cfg.model), cfg.lora, quantization="4bit")
+    policy, value, reward = model.policy_model, model.value_model, model.reward_model
+    # three separate quantized bases, each holding one role; the reference is the policy's disabled adapter
+    bases = [m.causal_lm for m in (policy, value, reward)]
+    assert len({id(b) for b in bases}) == 3
+    assert len({b.model.layers[0].self_attn.q_proj.base_layer.weight.data_ptr() for b in bases}) == 3
+    assert model.adapter_for("reference") is None and set(model.heads) == {"value", "reward"}
+    assert not any(p.requires_grad for p in reward.parameters())
+
+    trainer = PPOTrainer(model, cfg, prompts_for(len(policy.tokenizer)), reward_head_scorer(model),
+                         show_progress=False, force_response_length=True)
+    rollout = trainer.rollout()
+    scored = trainer.score(rollout)
+    assert torch.equal(scored["logprobs"], scored["ref_logprobs"])  # KL exactly 0 at step 0
+    assert scored["kl"].abs().max().item() == 0.0
+
+    before = {name: snapshot(m) for name, m in model.models.items()}
+    metrics = trainer.train_step()
+    assert metrics["objective/kl"] == 0.0
+    moved = {name: changed(before[name], m) for name, m in model.models.items()}
+    assert moved["policy"] and all(".lora_" in n and ".policy." in n for n in moved["policy"])
+    assert any(n.startswith("heads.value") for n in moved["value"])
+    assert any(".lora_B.value." in n for n in moved["value"])
+    assert all(n.startswith("heads.value") or ".value." in n for n in moved["value"])
+    assert moved["reward"] == set()  # the reward model is frozen
+
+
+def test_four_model_adapters_load_onto_one_shared_base(tmp_path):
+    cfg = tiny_recipe(tmp_path)
+    four = FourModelRoles.build(lambda i: load_base(cfg.model), cfg.lora, quantization="4bit")
+    with torch.no_grad():
+        for p in four.role_parameters("policy") + four.role_parameters("value"):
+            p.add_(0.01 * torch.randn_like(p))
+    four.save(tmp_path / "run", roles=["policy", "value"])
+    base, tok = load_base(cfg.model)
+    ours = RoleModel.load(base, tok, tmp_path / "run", cfg.lora, quantization="4bit", roles=("policy", "value"))
+    ids = torch.tensor(prompts_for(len(tok), n=2, length=7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.response_logprobs("policy", ids, mask, 3)["logprobs"],
+                                   four.response_logprobs("policy", ids, mask, 3)["logprobs"])
+        torch.testing.assert_close(ours.token_values(ids, mask, 3), four.token_values(ids, mask, 3))
+
+
+def test_four_model_plan_reserves_two_more_bases():
+    cfg = load_recipe(None, ["model.device=cuda", "data.max_prompt_length=256", "ppo.response_length=256",
+                             "ppo.rollout_batch_size=32"])
+    gib = 1024**3
+    with pytest.raises(MemoryBudgetError, match="four-model"):
+        plan_four_model(cfg, 10 * gib, LLAMA2_7B)  # three 7B bases alone need ~11 GiB
+    four = plan_four_model(cfg, 24 * gib, LLAMA2_7B)
+    assert four.fits and all(p.peak_bytes <= four.usable_bytes for p in four.phases.values())
+    micro = {"generate": 8, "score": 8, "train": 4}
+    a = predicted_peaks(cfg, LLAMA2_7B, "four-model", micro, True)
+    b = predicted_peaks(cfg, LLAMA2_7B, "ours", micro, True)
+    one_adapter = lora_params(LLAMA2_7B, cfg.lora.r) * 4  # ours also holds the frozen sft adapter
+    for phase in micro:
+        assert a[phase] - b[phase] == 2 * weight_bytes(LLAMA2_7B, "4bit", 2) - one_adapter
+
+
+# ================================================================================================ random bases
+def tiny_config(**kw):
+    return LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       tie_word_embeddings=False, **kw)
+
+
+def test_published_llama2_shapes_match_the_planner_presets():
+    assert ModelShape.from_hf_config(llama_config("llama2-7b")) == LLAMA2_7B
+    assert ModelShape.from_hf_config(llama_config("llama2-13b")) == LLAMA2_13B
+    config = llama_config("llama2-13b")
+    assert (config.vocab_size, config.rms_norm_eps, config.max_position_embeddings, config.tie_word_embeddings) == (
+        32000, 1e-5, 4096, False)
+
+
+def test_random_4bit_llama_is_wrapped_by_peft_and_trains(tmp_path):
+    base, tok = build_random_llama(tiny_config(), "4bit", device="cpu", dtype=torch.float32, seed=0)
+    assert len(tok) == 300 and (tok.pad_token_id, tok.eos_token_id) == (0, 2)
+    for layer in base.model.layers:
+        for parent, name in DECODER_LINEARS:
+            linear = getattr(getattr(layer, parent), name)
+            assert isinstance(linear, bnb.nn.Linear4bit)
+            assert linear.weight.quant_type == "nf4" and linear.weight.compress_statistics  # NF4, double quant
+    assert base.is_loaded_in_4bit and base.config.quantization_config.load_in_4bit
+    assert not any(p.requires_grad for p in base.parameters())
+    assert model_weight_bytes(base) == pytest.approx(
+        weight_bytes(ModelShape.from_hf_config(base.config), "4bit", 4), rel=0.1)
+
+    cfg = tiny_recipe(tmp_path)
+    model = RoleModel(base, tok, cfg.lora, roles=("policy", "value", "reward"), quantization="4bit")
+    assert isinstance(model.causal_lm.model.layers[0].mlp.down_proj, LoraLinear4bit)
+    trainer = PPOTrainer(model, cfg, prompts_for(300), reward_head_scorer(model), show_progress=False,
+                         force_response_length=True)
+    before = [p.detach().clone() for p in trainer.policy_params]
+    metrics = trainer.train_step()
+    assert metrics["val/response_length"] == 4.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.policy_params))
+
+
+@pytest.mark.parametrize("quantization, layer_type", [("8bit", bnb.nn.Linear8bitLt), ("none", torch.nn.Linear)])
+def test_random_llama_in_8bit_and_full_precision(quantization, layer_type):
+    base, _ = build_random_llama(tiny_config(), quantization, device="cpu", dtype=torch.float32, seed=1)
+    assert type(base.model.layers[1].self_attn.o_proj) is layer_type
+    logits = base(input_ids=torch.tensor(prompts_for(300, n=2))).logits
+    assert logits.shape == (2, 6, 300) and torch.isfinite(logits).all()
+    expected = weight_bytes(ModelShape.from_hf_config(base.config), quantization, 4)
+    assert model_weight_bytes(base) == pytest.approx(expected, rel=0.01)

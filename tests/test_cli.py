@@ -1,0 +1,130 @@
+"""The `lowrank-rlhf` command as a user meets it: every stage end to end, --help, and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+
+from lowrank_rlhf.cli import build_parser, main
+from lowrank_rlhf.config import ModelConfig
+from lowrank_rlhf.models import load_base
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny-cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """recipes/tiny-cpu.yaml through all three stages, in 4-bit on CPU, via `python -m lowrank_rlhf`."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    result = subprocess.run([sys.executable, "-m", "lowrank_rlhf", "train", TINY, "--output-dir", str(run)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_train_runs_every_stage(tiny_run):
+    for role in ("sft", "reward", "policy", "value"):
+        assert (tiny_run / role / "adapter_model.safetensors").is_file(), role
+    assert (tiny_run / "reward" / "reward_head.safetensors").is_file()
+    assert (tiny_run / "value" / "value_head.safetensors").is_file()
+    lines = (tiny_run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "objective/kl" in json.loads(lines[0])
+
+
+def test_run_directory_loads_with_plain_peft(tiny_run):
+    for role in ("sft", "reward", "policy", "value"):
+        base, _ = load_base(ModelConfig(name="tiny-llama", quantization="4bit", device="cpu"))
+        model = peft.PeftModel.from_pretrained(base, str(tiny_run / role))
+        assert model(torch.tensor([[5, 6, 7]])).logits.shape[-1] == base.config.vocab_size
+
+
+def test_generate_and_export(tiny_run, tmp_path, capsys):
+    assert main(["generate", str(tiny_run), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "adapter")]) == 0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_existing_results_are_refused_and_untouched(tiny_run, capsys):
+    before = (tiny_run / "policy" / "adapter_model.safetensors").read_bytes()
+    assert main(["train", TINY, "--output-dir", str(tiny_run), "--stage", "ppo"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "already holds ppo results" in err and "--overwrite" in err
+    assert (tiny_run / "policy" / "adapter_model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["quickstart", "train", "plan", "generate", "export", "bench"])
+def test_help_works_on_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: lowrank-rlhf" in capsys.readouterr().out
+
+
+def error_line(stderr: str) -> str:
+    """The one error line (progress bars of loading may precede it on stderr)."""
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    assert stderr.strip().splitlines()[-1] == lines[0], "the error is the last thing printed"
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = [
+    (["ppo.kl_cof=0.1"], "ppo.kl_cof: unknown key; did you mean 'kl_coef'?"),
+    (["ppo.kl_estimator=k2"], "allowed values: k1, k3"),
+    (["ppo.gamma=1.5"], "allowed range: [0.0, 1.0]"),
+    (["ppo.total_steps=many"], "expected an integer"),
+    (["data.prompts=/nonexistent/prompts.jsonl"], "file not found"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_INPUTS)
+def test_bad_recipe_values_give_one_line_errors(tmp_path, capsys, overrides, message):
+    code = main(["train", TINY, "--stage", "ppo", "--output-dir", str(tmp_path / "run"), *overrides])
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and message in err, err
+
+
+def test_missing_column_and_empty_dataset(tmp_path, capsys):
+    no_prompt = write(tmp_path / "p.jsonl", '{"question": "hi", "label": "yes"}\n')
+    empty = write(tmp_path / "e.jsonl", "")
+    for source, message in ((no_prompt, "columns found: question, label"),
+                            (empty, "has no rows")):
+        code = main(["train", TINY, "--stage", "ppo", "--output-dir", str(tmp_path / "run"),
+                     f"data.prompts={source}", "rewards.learned_weight=0",
+                     "rewards.functions=[lowrank_rlhf.rewards:brevity]"])
+        err = error_line(capsys.readouterr().err)
+        assert code == 2 and message in err, err
+
+
+def test_plan_prints_the_table_and_refuses_a_budget_below_the_floor(capsys):
+    recipe = str(ROOT / "recipes" / "llama2-7b-rtx3090.yaml")
+    assert main(["plan", recipe]) == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "train" in out and "fits" in out
+    assert main(["plan", recipe, "--budget", "4GiB"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "below the static floor 5.09 GiB" in err
+
+
+def test_quickstart_smoke_runs(tmp_path, capsys):
+    assert main(["quickstart", "--smoke", "--output-dir", str(tmp_path / "qs")]) == 0
+    out = capsys.readouterr().out
+    assert "after PPO" in out and "exactly yes/no" in out
+    report = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert set(report["results"]) == {"base", "after SFT", "after PPO"}
+    assert (tmp_path / "qs" / "curves.png").stat().st_size > 1000
