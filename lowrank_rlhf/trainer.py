@@ -24,6 +24,7 @@ from transformers import GenerationConfig
 
 from . import checkpoint as ckpt
 from .config import ConfigError, RecipeConfig, to_dict
+from .data import left_pad
 from .memory import MicroBatchRunner
 from .ppo import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits, gae,
                   kl_penalty, masked_mean, masked_whiten, normalize_and_clip_scores, policy_loss, token_rewards,
@@ -60,17 +61,6 @@ class Rollout:
 
 
 Scorer = Callable[[Rollout, MicroBatchRunner], torch.Tensor]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-    return ids, mask
 
 
 def trim_columns(attention_mask: torch.Tensor, response_start: int) -> tuple[int, int]:
