@@ -230,8 +230,10 @@ class PPOTrainer:
             mask = rollout.attention_mask[rows]
             left, right = trim_columns(mask, rollout.response_start)
             out = fn(rollout.input_ids[rows, left:right], mask[:, left:right], rollout.response_start - left)
-            if out.dim() == 2 and out.shape[1] < width:
-                out = torch.nn.functional.pad(out, (0, width - out.shape[1]))
+            if out.dim() >= 2 and out.shape[1] < width:  # per-token outputs [n, r, ...] back to full width
+                full = out.new_zeros((out.shape[0], width, *out.shape[2:]))
+                full[:, :out.shape[1]] = out
+                out = full
             return out
 
         parts = torch.cat(runner.run(len(order), run), dim=0)

@@ -162,3 +162,27 @@ def test_two_cpu_processes_end_with_identical_adapters(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and all(r["changed"] for r in ranks)
     assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+
+
+def test_map_rows_trims_padding_and_restores_full_width_for_any_output_shape(tmp_path):
+    """Rows with short responses share trimmed micro-batches; per-token outputs of any rank come back full width
+    and in the original row order (the shared critic returns [n, r, 2])."""
+    from lowrank_rlhf.memory import MicroBatchRunner
+    from lowrank_rlhf.trainer import Rollout
+
+    trainer = make_trainer(recipe(tmp_path))
+    ids = torch.arange(1, 4 * 9 + 1).reshape(4, 9)
+    response_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    rollout = Rollout(ids, torch.cat([prompt_mask, response_mask], 1), 4, response_mask, torch.arange(4),
+                      torch.zeros(4, dtype=torch.bool))
+
+    def fn(ids, mask, start):  # the response tokens themselves, twice: [n, r', 2]
+        resp = ids[:, start:].float()
+        return torch.stack([resp, -resp], dim=-1)
+
+    out = trainer.map_rows(rollout, MicroBatchRunner("score", 2), fn)
+    assert out.shape == (4, 5, 2)
+    expected = ids[:, 4:].float() * response_mask  # trimmed-away columns hold no real token and come back 0
+    torch.testing.assert_close(out[..., 0] * response_mask, expected)
+    torch.testing.assert_close(out[..., 1] * response_mask, -expected)
