@@ -89,7 +89,7 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
 def latest(target: Path) -> Path | None:
     """The checkpoint to resume from, also when a crash struck between the two renames above."""
     target = Path(target)
-    if (target / MANIFEST).is_file():
+    if target.exists():  # whole, or damaged (e.g. its manifest deleted): verify() tells which, and refuses
         return target
     old = target.with_name(f".{target.name}.old")
     if (old / MANIFEST).is_file():

@@ -26,7 +26,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .trainer import NonFiniteError
 
     return (ConfigError, DataError, RewardFunctionError, MemoryBudgetError, MicroBatchOOMError, BaseMismatchError,
-            RunDirError, CheckpointError, NonFiniteError, FileNotFoundError)
+            RunDirError, CheckpointError, NonFiniteError, OSError)  # OSError: a full disk, a missing file
 
 
 def cmd_quickstart(args) -> int:

@@ -563,9 +563,10 @@ def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets:
                        n_frozen=n_frozen_adapters)
     floor = static_floor(shape, quantization, lora, dtype_bytes)["total"]
     if budget < floor:
+        unit = "GiB" if floor >= 1024**3 else None  # a tiny model's floor is not "0.00 GiB"
         raise MemoryBudgetError(
-            f"memory budget {format_bytes(budget, 'GiB')} is below the static floor "
-            f"{format_bytes(floor, 'GiB')} (weights + adapters + optimizer); use 4-bit quantization, "
+            f"memory budget {format_bytes(budget, unit)} is below the static floor "
+            f"{format_bytes(floor, unit)} (weights + adapters + optimizer); use 4-bit quantization, "
             f"a smaller LoRA rank or fewer targets, or a larger budget"
         )
     usable = int(budget * BUDGET_FRACTION)

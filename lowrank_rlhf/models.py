@@ -163,7 +163,11 @@ def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesCo
 
 
 def check_llama_family(path: str, trust_remote_code: bool = False) -> None:
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:  # a typo in a path or hub id, or a hub id not cached while offline
+        raise ConfigError(f"model.name: cannot read the config of {path!r} ({str(err).strip().splitlines()[0]}); "
+                          f"expected {', '.join(BUILTIN_MODELS)}, a local model directory or a hub id") from None
     if config.model_type not in LLAMA_FAMILY:
         raise ConfigError(f"model.name: {path!r} is a {config.model_type!r} model; supported LLaMA-family types: "
                           f"{', '.join(LLAMA_FAMILY)}")

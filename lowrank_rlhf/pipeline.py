@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import checkpoint as ckpt
 from . import data, rewards
 from .config import ConfigError, RecipeConfig, to_dict
 from .memory import ModelShape
-from .models import load_base
+from .models import check_llama_family, load_base, load_tokenizer, resolve_model_path
 from .planning import enforce_budget, gradient_checkpointing, micro_batches, plan_recipe
-from .roles import META_FILE, RoleModel
+from .roles import META_FILE, RoleModel, check_base, read_run_metadata
 from .trainer import PPOTrainer, Rollout
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,42 @@ def check_run_dir(cfg: RecipeConfig, run_dir: Path, stages: list[str], overwrite
             continue
         found = stage_outputs(run_dir, stage)
         if found:
-            raise RunDirError(f"{run_dir} already holds {stage} results ({found[0].name}); pass --overwrite, set "
-                              f"ppo.resume=true, or choose another --output-dir")
+            resume = "set ppo.resume=true" if stage == "ppo" else "continue PPO with --stage ppo ppo.resume=true"
+            raise RunDirError(f"{run_dir} already holds {stage} results ({found[0].name}); pass --overwrite, "
+                              f"{resume}, or choose another --output-dir")
+
+
+def preflight(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
+    """Every check of the user's input that needs no model weights, before the run directory is touched: a bad
+    input must leave an existing run as it was (its recipe.yaml, and with --overwrite its PPO results)."""
+    if "sft" in stages and cfg.sft.enabled:
+        sft_data(cfg)
+    if "reward" in stages and cfg.reward_model.enabled and cfg.rewards.learned_weight:
+        preference_data(cfg)
+    if "ppo" in stages:
+        table = prompt_data(cfg)
+        rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)
+        if not ("reward" in stages and cfg.reward_model.enabled):
+            check_reward_model(cfg, run_dir)
+    path = resolve_model_path(cfg.model.name)
+    check_llama_family(path, cfg.model.trust_remote_code)
+    if (run_dir / META_FILE).is_file():
+        from transformers import AutoConfig
+
+        check_base(read_run_metadata(run_dir), AutoConfig.from_pretrained(
+            path, trust_remote_code=cfg.model.trust_remote_code), cfg.model.name, run_dir)
+    if "ppo" in stages:
+        plan_recipe(cfg)  # a budget below the static floor
+        if cfg.data.long_prompts == "error":
+            data.encode_prompts(table, load_tokenizer(path, cfg.model.trust_remote_code),
+                                cfg.data.max_prompt_length, "error")
+        source = ckpt.latest(run_dir / "checkpoint") if cfg.ppo.resume else None
+        if source is not None:
+            try:
+                ckpt.verify(source)
+            except ckpt.CheckpointError as err:
+                raise ckpt.CheckpointError(f"{err}; cannot resume from it: restore it, or start PPO over with "
+                                           f"--overwrite (without ppo.resume)") from None
 
 
 @dataclass
@@ -87,21 +122,41 @@ def save_recipe(cfg: RecipeConfig, run_dir: Path) -> None:
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def sft_data(cfg: RecipeConfig):
+    if not cfg.data.sft:
+        raise ConfigError("data.sft: no SFT data given; set data.sft or run --stage reward/ppo")
+    return data.load_sft(cfg.data.sft, cfg.data.max_samples)
+
+
+def preference_data(cfg: RecipeConfig):
+    if not cfg.data.preferences:
+        raise ConfigError("data.preferences: no preference data given; set data.preferences or "
+                          "rewards.learned_weight=0")
+    return data.load_preferences(cfg.data.preferences, cfg.data.max_samples)
+
+
+def prompt_data(cfg: RecipeConfig):
+    if not cfg.data.prompts:
+        raise ConfigError("data.prompts: no PPO prompts given; set data.prompts")
+    return data.load_prompts(cfg.data.prompts, cfg.data.max_samples)
+
+
+def check_reward_model(cfg: RecipeConfig, run_dir: Path) -> None:
+    if cfg.rewards.learned_weight and not (run_dir / "reward" / "adapter_config.json").is_file():
+        raise ConfigError(f"rewards.learned_weight: {cfg.rewards.learned_weight} needs a reward model in "
+                          f"{run_dir}/reward; run --stage reward first or set rewards.learned_weight=0")
+
+
 def run_sft(cfg: RecipeConfig, run_dir: Path) -> dict:
     from .stages import train_sft
 
-    if not cfg.data.sft:
-        raise ConfigError("data.sft: no SFT data given; set data.sft or run --stage reward/ppo")
-    return train_sft(cfg, data.load_sft(cfg.data.sft, cfg.data.max_samples), run_dir)
+    return train_sft(cfg, sft_data(cfg), run_dir)
 
 
 def run_reward(cfg: RecipeConfig, run_dir: Path) -> dict:
     from .stages import train_reward
 
-    if not cfg.data.preferences:
-        raise ConfigError("data.preferences: no preference data given; set data.preferences or "
-                          "rewards.learned_weight=0")
-    pairs = data.load_preferences(cfg.data.preferences, cfg.data.max_samples)
+    pairs = preference_data(cfg)
     train, held_out = data.holdout_split(pairs, cfg.data.eval_fraction, cfg.seed)
     return train_reward(cfg, train, run_dir, eval_dataset=held_out)
 
@@ -115,9 +170,7 @@ def load_roles(cfg: RecipeConfig, run_dir: Path, base=None, tokenizer=None) -> R
     if (run_dir / "sft" / "adapter_config.json").is_file():
         wanted.append("sft")
     if cfg.rewards.learned_weight:
-        if not (run_dir / "reward" / "adapter_config.json").is_file():
-            raise ConfigError(f"rewards.learned_weight: {cfg.rewards.learned_weight} needs a reward model in "
-                              f"{run_dir}/reward; run --stage reward first or set rewards.learned_weight=0")
+        check_reward_model(cfg, run_dir)
         wanted.append("reward")
     kwargs = dict(base_name=cfg.model.name, quantization=cfg.model.quantization, roles=tuple(wanted), seed=cfg.seed)
     if (run_dir / META_FILE).is_file():
@@ -128,9 +181,7 @@ def load_roles(cfg: RecipeConfig, run_dir: Path, base=None, tokenizer=None) -> R
 def build_trainer(cfg: RecipeConfig, run_dir: Path, model: RoleModel | None = None, **trainer_kwargs) -> PPOTrainer:
     """Everything PPO needs: roles, the memory plan and its budget, the prompts and the scorer."""
     # data and reward-function errors first: a typo must not wait for a 7B model to load
-    if not cfg.data.prompts:
-        raise ConfigError("data.prompts: no PPO prompts given; set data.prompts")
-    table = data.load_prompts(cfg.data.prompts, cfg.data.max_samples)
+    table = prompt_data(cfg)
     rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)
     model = model or load_roles(cfg, run_dir)
     memory_plan = plan_recipe(cfg, shape=ModelShape.from_hf_config(model.causal_lm.config))
@@ -152,6 +203,7 @@ def run_stages(cfg: RecipeConfig, stages: list[str], run_dir: Path | None = None
     """Run the chosen stages in order; returns each stage's summary."""
     run_dir = Path(run_dir or cfg.run_dir)
     check_run_dir(cfg, run_dir, stages, overwrite)
+    preflight(cfg, stages, run_dir)
     save_recipe(cfg, run_dir)
     results: dict = {}
     torch.manual_seed(cfg.seed)

@@ -481,10 +481,22 @@ class PPOTrainer:
         self.step, self.nan_skips = state["step"], state["nan_skips"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
+        self._truncate_metrics(self.step)
         for phase, size in state["micro_batches"].items():
             self.runners[phase].micro_batch = min(self.runners[phase].micro_batch, size)
         log.info("resumed from %s at step %d", source, self.step)
         return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines of steps after the checkpoint: a kill between a step's log line and its checkpoint
+        would otherwise leave that step twice in metrics.jsonl after the resume."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.state.is_main_process or not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
 
     def _on_sigint(self, signum, frame) -> None:
         if self._interrupted:  # a second Ctrl-C stops at once

@@ -186,3 +186,14 @@ def test_map_rows_trims_padding_and_restores_full_width_for_any_output_shape(tmp
     expected = ids[:, 4:].float() * response_mask  # trimmed-away columns hold no real token and come back 0
     torch.testing.assert_close(out[..., 0] * response_mask, expected)
     torch.testing.assert_close(out[..., 1] * response_mask, -expected)
+
+
+def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
+    trainer = make_trainer(recipe(tmp_path, "ppo.total_steps=3"))
+    trainer.train_step()
+    trainer.save_checkpoint()
+    trainer.train_step()  # logged, then "killed" before its checkpoint
+    resumed = make_trainer(recipe(tmp_path, "ppo.total_steps=3", "ppo.resume=true"))
+    resumed.train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
