@@ -55,3 +55,12 @@ def make_batch(tokenizer, batch=3, prompt_len=6, response_len=5, seed=0):
     ids[0, :2] = tokenizer.pad_token_id
     mask[0, :2] = 0
     return ids, mask, prompt_len
+
+
+def error_line(stderr: str) -> str:
+    """The one `error:` line, last on stderr (library noise such as progress bars may come before it)."""
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    assert stderr.strip().splitlines()[-1] == lines[0], "the error is the last thing printed"
+    assert "Traceback" not in stderr
+    return lines[0]

@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 
+from conftest import error_line
 from lowrank_rlhf.cli import build_parser, main
 from lowrank_rlhf.config import ModelConfig
 from lowrank_rlhf.models import load_base
@@ -67,15 +68,6 @@ def test_help_works_on_every_command(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: lowrank-rlhf" in capsys.readouterr().out
-
-
-def error_line(stderr: str) -> str:
-    """The one error line (progress bars of loading may precede it on stderr)."""
-    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    assert stderr.strip().splitlines()[-1] == lines[0], "the error is the last thing printed"
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 def write(path: Path, text: str) -> str:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import error_line
 from lowrank_rlhf import checkpoint as ckpt
 from lowrank_rlhf import models
 from lowrank_rlhf.cli import main
@@ -36,15 +37,6 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def error_line(stderr: str) -> str:
-    """The one `error:` line, last on stderr (library noise such as progress bars may come before it)."""
-    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    assert stderr.strip().splitlines()[-1] == lines[0], "the error is the last thing printed"
-    assert "Traceback" not in stderr
-    return lines[0]
-
-
 def snapshot(root: Path) -> dict:
     """Every file and folder under root with its SHA-256: equal snapshots = an untouched directory."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
