@@ -147,9 +147,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """bf16 on GPU (bitsandbytes' float32 default for 4-bit compute is a silent slow path), float32 on CPU."""
+    """bf16 on GPU, float16 on GPUs without bf16 (bitsandbytes' float32 default for 4-bit compute is a silent slow
+    path), float32 on CPU."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        # a T4 (Colab's free card) has no native bf16: float16 there
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return getattr(torch, dtype)
 
 

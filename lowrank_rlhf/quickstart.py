@@ -74,21 +74,19 @@ def evaluate(model: RoleModel, role: str, prompts: list[list[int]], texts: list[
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure needs no pyplot backend, so a notebook's inline plotting is left alone.
+    from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2)
     axes[0].plot(steps, [r["objective/scores"] for r in rows], marker="o")
     axes[0].set(title="score (learned reward)", xlabel="PPO step")
     axes[1].plot(steps, [r["objective/kl"] for r in rows], marker="o", color="tab:red")
     axes[1].set(title="KL(policy || sft)", xlabel="PPO step")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def format_table(results: dict) -> str:

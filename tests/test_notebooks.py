@@ -81,10 +81,11 @@ def jupyter_path(tmp_path_factory):
 
 @pytest.mark.slow
 @notebooks
-def test_runs_top_to_bottom_in_smoke_mode(path, jupyter_path, monkeypatch):
+def test_runs_top_to_bottom_in_smoke_mode(path, jupyter_path, monkeypatch, tmp_path):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("LOWRANK_RLHF_SMOKE", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' run directories (tempfile) land in pytest's tmp
     monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(p for p in (jupyter_path, os.environ.get("JUPYTER_PATH"))
                                                        if p))
     before = sorted(NOTEBOOK_DIR.rglob("*"))
