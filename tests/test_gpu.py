@@ -164,6 +164,9 @@ def test_real_cuda_oom_is_recovered_with_the_adapters_of_a_run_that_started_smal
     cosine = torch.nn.functional.cosine_similarity(delta_a, delta_b, dim=0).item()
     print(f"real OOM recovery: events {events}, final micro-batches {final}, token agreement {agreement:.4f}, "
           f"update cosine {cosine:.4f}")
+    del small, model, base, params
+    gc.collect()
+    torch.cuda.empty_cache()  # before a failure or xfail keeps this frame (and a 7B model) alive for later tests
     if cosine < 0.9:  # measured on an H100 (2026-11-24): token agreement >= 0.95 passed, update cosine 0.63
         pytest.xfail(f"the recovered run's update has cosine {cosine:.2f} to a small-start run's: AdamW's first "
                      f"step amplifies bf16 batch-size noise in near-zero gradients; bit-equality holds on CPU only")
@@ -172,6 +175,7 @@ def test_real_cuda_oom_is_recovered_with_the_adapters_of_a_run_that_started_smal
 # ------------------------------------------------------------------------------------------------------ bench smoke
 def test_bench_smoke_on_llama2_7b(tmp_path):
     path = tmp_path / "bench.json"
+    already = torch.cuda.memory_allocated()  # whatever earlier tests left behind is not the bench's doing
     code = bench.main(["--model", "llama2-7b", "--batch", "4", "--prompt-len", "32", "--response-len", "8",
                        "--steps", "1", "--warmup", "1", "--ppo-epochs", "1", "--budget", "24GiB",
                        "--layouts", "ours,four-model", "--json", str(path)])
@@ -185,7 +189,7 @@ def test_bench_smoke_on_llama2_7b(tmp_path):
         for phase in ("generate", "score", "train"):
             peak = layout["peak_bytes"][phase]
             assert 0 < peak["allocated"] <= peak["reserved"] <= 24 * GIB
-        assert layout["allocated_at_start_bytes"] < 256 * 1024**2  # the previous layout was freed
+        assert layout["allocated_at_start_bytes"] < already + 256 * 1024**2  # the previous layout was freed
     assert ours["build_s"] < 120
     assert four["weight_bytes"] == pytest.approx(3 * ours["weight_bytes"], rel=1e-3)
     assert ours["peak_bytes"]["step"]["allocated"] < four["peak_bytes"]["step"]["allocated"]
