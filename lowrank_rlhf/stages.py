@@ -57,7 +57,7 @@ import torch
 from safetensors.torch import save_file
 from transformers.trainer_callback import ProgressCallback
 
-from .config import RecipeConfig
+from .config import ConfigError, RecipeConfig
 from .models import (check_llama_family, compute_dtype, keep_one_cpu_4bit_path, load_base, load_tokenizer,
                      quantization_config, resolve_device, resolve_model_path)
 from .roles import HEAD_FILES, META_FILE, RoleModel, base_fingerprint, check_base, peft_lora_config
@@ -77,7 +77,7 @@ def split_messages(messages: list) -> tuple[list, list]:
     """A conversation -> (everything before the last assistant turn, [that turn])."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
-        raise ValueError("a conversation has no assistant message to train on")
+        raise ConfigError("a conversation has no assistant message to train on")
     return list(messages[:last]), [messages[last]]
 
 
@@ -87,7 +87,7 @@ def answer_text(completion) -> str:
         return completion
     if is_messages(completion):
         return "\n".join(str(m["content"]) for m in completion if m["role"] == "assistant")
-    raise ValueError(f"a completion must be text or a list of {{role, content}} messages, got {completion!r:.80}")
+    raise ConfigError(f"a completion must be text or a list of {{role, content}} messages, got {completion!r:.80}")
 
 
 def prompt_part(prompt, completion) -> tuple:
@@ -143,14 +143,14 @@ def sft_examples(dataset: datasets.Dataset) -> datasets.Dataset:
         return dataset.map(split, remove_columns=dataset.column_names, desc="SFT examples")
     if {"prompt", "completion"} <= cols:
         return dataset.select_columns(["prompt", "completion"])
-    raise ValueError(f"SFT data needs prompt/completion or messages columns; got {sorted(cols)}")
+    raise ConfigError(f"SFT data needs prompt/completion or messages columns; got {sorted(cols)}")
 
 
 def preference_ids(dataset: datasets.Dataset, tokenizer) -> datasets.Dataset:
     """chosen/rejected (prompt optional; text or messages) -> chosen_ids/rejected_ids via `encode_example`."""
     cols = set(dataset.column_names)
     if not {"chosen", "rejected"} <= cols:
-        raise ValueError(f"preference data needs chosen and rejected columns (prompt optional); got {sorted(cols)}")
+        raise ConfigError(f"preference data needs chosen and rejected columns (prompt optional); got {sorted(cols)}")
     keep = ["margin"] if "margin" in cols else []
 
     def encode(ex):
@@ -363,7 +363,8 @@ def reward_trainer(cfg: RecipeConfig, dataset: datasets.Dataset, output_dir: str
     model, tokenizer = load_reward_base(cfg)
     pairs = within_length(preference_ids(dataset, tokenizer), cfg.reward_model.max_length)
     if len(pairs) == 0:
-        raise ValueError(f"no preference pair fits reward_model.max_length={cfg.reward_model.max_length}")
+        raise ConfigError(f"reward_model.max_length: no preference pair fits in {cfg.reward_model.max_length} "
+                          f"tokens; raise it or shorten the data")
     pad_id = pooling_pad_id(tokenizer, list(pairs["chosen_ids"]) + list(pairs["rejected_ids"]))
     args = RewardConfig(**trainer_kwargs(cfg, cfg.reward_model, str(output_dir)),
                         pad_token=tokenizer.convert_ids_to_tokens(pad_id))

@@ -1,6 +1,5 @@
 """Memory estimates, the planner, token budgeting and the OOM-retry runner (CPU, pure)."""
 
-import math
 
 import pytest
 import torch
