@@ -441,8 +441,9 @@ def summarise(work: Workload, layout: str, result: dict) -> None:
     peaks["step"] = {k: (max(peaks[p][k] for p in PHASES) if all(peaks[p][k] is not None for p in PHASES) else None)
                      for k in ("allocated", "reserved")}
     micro = measured[-1]["micro_batches"]
+    only_first_step = args.warmup == 0 and args.steps == 1  # its generate/score precede any optimizer state
     predicted = predicted_peaks(work.cfg, work.shape, "four-model" if layout == "four-model" else "ours", micro,
-                                result["gradient_checkpointing"])
+                                result["gradient_checkpointing"], before_first_update=only_first_step)
     predicted["step"] = max(predicted.values())
     tokens = args.batch * (args.prompt_len + args.response_len)
     passes = math.ceil(args.batch / micro["generate"])

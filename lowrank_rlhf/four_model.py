@@ -204,15 +204,21 @@ def plan_four_model(cfg: RecipeConfig, budget_bytes: int, shape: ModelShape) -> 
 
 
 def predicted_peaks(cfg: RecipeConfig, shape: ModelShape, layout: str, micro_batches: dict[str, int],
-                    gradient_checkpointing: bool) -> dict[str, int]:
-    """The planner's estimate of each phase's peak at the micro-batches actually used, for either layout."""
+                    gradient_checkpointing: bool, before_first_update: bool = False) -> dict[str, int]:
+    """The planner's estimate of each phase's peak at the micro-batches actually used, for either layout.
+
+    `before_first_update`: the measured generate and score phases ran before any optimizer step (a run without
+    warm-up), when no gradients or AdamW states exist yet; the planner counts them (they are there from step 2 on).
+    """
     lora, q, dtype_bytes = adapter_spec(cfg, layout), cfg.model.quantization, dtype_bytes_for(cfg)
     prompt, response = cfg.data.max_prompt_length, cfg.ppo.response_length
     extra = extra_base_bytes(shape, cfg, layout)
+    not_yet = lora.optimizer_bytes(shape) if before_first_update else 0
     return {
         "generate": estimate_generate(shape, q, lora, micro_batches["generate"], prompt, response,
-                                      dtype_bytes)["total"] + extra,
-        "score": estimate_score(shape, q, lora, micro_batches["score"], prompt, response, dtype_bytes)["total"] + extra,
+                                      dtype_bytes)["total"] + extra - not_yet,
+        "score": estimate_score(shape, q, lora, micro_batches["score"], prompt, response, dtype_bytes)["total"]
+        + extra - not_yet,
         "train": estimate_train(shape, q, lora, micro_batches["train"], prompt, response, dtype_bytes,
                                 gradient_checkpointing=gradient_checkpointing)["total"] + extra,
     }

@@ -75,9 +75,11 @@ WORKSPACE_BYTES = 64 * 1024**2
 # Forward without grad, live at the peak of one layer: the residual stream, the RMSNorm
 # output, its fp32 upcast (2 units), the attention output and the o_proj output = 6 hidden-
 # sized, q (num_heads*head_dim), k and v (num_kv_heads*head_dim); in the MLP, gate, up and
-# act(gate)*up = 3 intermediate-sized.
+# act(gate)*up, plus the output-sized temporary each PEFT LoRA adds to the base output of
+# gate_proj and up_proj = 5 intermediate-sized. (3 until 2026-11-24; the H100 runs in
+# docs/benchmarks/ measured 1.31-1.33x the 3-unit figure for 7B and 13B, which 5 units give.)
 NOGRAD_HIDDEN_UNITS = 6
-NOGRAD_INTER_UNITS = 3
+NOGRAD_INTER_UNITS = 5
 # Saved for backward in one layer (LoRA on the linears, frozen base): each RMSNorm saves its
 # fp32 upcast input (2 units) and its normalized output (1) = 3, twice = 6; q and the
 # attention output saved by SDPA/flash and o_proj's LoRA = 2; k, v saved by SDPA; in the MLP,
@@ -93,11 +95,14 @@ BACKWARD_LAYER_FACTOR = 2
 # and the softmax probabilities = 3 fp32 copies of batch x vocab.
 GEN_LOGITS_COPIES = 3
 # Scoring: fp32 logits of the response tokens plus the selective log-softmax temporaries
-# (logsumexp reduction and the cast from the lm_head's dtype) ~ 2 fp32 copies.
+# (logsumexp reduction and the cast from the lm_head's dtype) ~ 2 fp32 copies. They exist
+# after the last layer has freed its activations, so the phase peaks at the larger of the two.
 SCORE_LOGITS_COPIES = 2
 # Training the policy: fp32 logits, the log-softmax kept for backward and the logits'
-# gradient = 3 fp32 copies.
+# gradient = 3 fp32 copies, while the loss is back-propagated to the last hidden state; after
+# that only the kept logits (1 copy, read for the entropy) stay beside the layers' backward.
 TRAIN_LOGITS_COPIES = 3
+TRAIN_KEPT_LOGITS_COPIES = 1
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -402,16 +407,26 @@ def _floor_parts(shape, quantization, lora, dtype_bytes) -> dict[str, int]:
 def estimate_generate(shape: ModelShape, quantization: str | None, lora: AdapterSpec | None,
                       batch: int, prompt_len: int, response_len: int, dtype_bytes: int = 2,
                       *, flash_attention: bool = True) -> dict[str, int]:
-    """Peak of sampling ``batch`` responses: the KV cache at full length dominates."""
+    """Peak of sampling ``batch`` responses: the larger of the prefill and the last decode step.
+
+    Prefill runs one layer at a time over the whole prompt with the cache at prompt length; the
+    last decode step holds the cache at full length, plus one layer's K and V twice while the
+    cache grows by concatenation, plus the sampler's logits.
+    """
     length = prompt_len + response_len
     parts = _floor_parts(shape, quantization, lora, dtype_bytes)
-    # K and V, every layer, every token of the batch at full length.
-    parts["kv_cache"] = batch * length * 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes
-    # Prefill runs one layer at a time over the whole prompt.
-    parts["prefill_activations"] = batch * prompt_len * _layer_forward_elems(shape) * dtype_bytes
+    kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes
+    prefill = batch * prompt_len * (kv_per_token + _layer_forward_elems(shape) * dtype_bytes)
     if not flash_attention:
-        parts["attention_scores"] = _attention_scores(shape, batch, prompt_len, dtype_bytes)
-    parts["logits"] = GEN_LOGITS_COPIES * batch * shape.vocab_size * 4
+        prefill += _attention_scores(shape, batch, prompt_len, dtype_bytes)
+    decode = (batch * length * kv_per_token + batch * length * kv_per_token // shape.num_layers
+              + GEN_LOGITS_COPIES * batch * shape.vocab_size * 4)
+    if prefill > decode:
+        parts["prefill"] = prefill
+    else:
+        parts["kv_cache"] = batch * length * kv_per_token
+        parts["kv_growth"] = batch * length * kv_per_token // shape.num_layers
+        parts["logits"] = GEN_LOGITS_COPIES * batch * shape.vocab_size * 4
     parts["dequant_workspace"] = _dequant_workspace(shape, quantization, dtype_bytes)
     parts["workspace"] = WORKSPACE_BYTES
     return _total(parts)
@@ -423,14 +438,16 @@ def estimate_score(shape: ModelShape, quantization: str | None, lora: AdapterSpe
     """Peak of one forward without grad over ``micro_batch`` full sequences (any role).
 
     Assumes the scorer runs the lm_head on the response positions only and takes a
-    selective log-softmax in fp32 (DESIGN section 3).
+    selective log-softmax in fp32 (DESIGN section 3). The logits exist only after the last
+    layer has freed its activations, so the peak is the larger of the two.
     """
     length = prompt_len + response_len
     parts = _floor_parts(shape, quantization, lora, dtype_bytes)
-    parts["activations"] = micro_batch * length * _layer_forward_elems(shape) * dtype_bytes
+    layer = micro_batch * length * _layer_forward_elems(shape) * dtype_bytes
     if not flash_attention:
-        parts["attention_scores"] = _attention_scores(shape, micro_batch, length, dtype_bytes)
-    parts["logits"] = SCORE_LOGITS_COPIES * micro_batch * response_len * shape.vocab_size * 4
+        layer += _attention_scores(shape, micro_batch, length, dtype_bytes)
+    logits = SCORE_LOGITS_COPIES * micro_batch * response_len * shape.vocab_size * 4
+    parts["activations" if layer >= logits else "logits"] = max(layer, logits)
     parts["dequant_workspace"] = _dequant_workspace(shape, quantization, dtype_bytes)
     parts["workspace"] = WORKSPACE_BYTES
     return _total(parts)
@@ -438,32 +455,37 @@ def estimate_score(shape: ModelShape, quantization: str | None, lora: AdapterSpe
 
 def estimate_train(shape: ModelShape, quantization: str | None, lora: AdapterSpec | None,
                    micro_batch: int, prompt_len: int, response_len: int, dtype_bytes: int = 2,
-                   *, gradient_checkpointing: bool = True, flash_attention: bool = True,
-                   n_forwards: int | None = None) -> dict[str, int]:
+                   *, gradient_checkpointing: bool = True, flash_attention: bool = True) -> dict[str, int]:
     """Peak of one PPO forward+backward over ``micro_batch`` sequences.
 
-    ``n_forwards`` (default: the number of trained adapters) forwards share one backward,
-    e.g. policy and value losses summed: every one of them keeps its activations.
-    Only the policy computes logits; the value role reads its head.
+    The trainer runs one backward per forward (policy, then value; the shared critic is one
+    forward), so one forward's activations are live at a time. Only the policy computes logits;
+    it keeps them (for the entropy) while the value role runs. The trained adapters' new
+    gradients exist beside the accumulated ones until they are added.
     """
     lora = _adapters(lora)
-    n_fwd = max(1, lora.n_trainable if n_forwards is None else n_forwards)
     length = prompt_len + response_len
     tokens = micro_batch * length
     layer_saved = tokens * _layer_saved_elems(shape) * dtype_bytes
-    scores = 0 if flash_attention else _attention_scores(shape, micro_batch, length, dtype_bytes)
+    if not flash_attention:
+        layer_saved += _attention_scores(shape, micro_batch, length, dtype_bytes)
+    logits_unit = micro_batch * response_len * shape.vocab_size * 4
     parts = _floor_parts(shape, quantization, lora, dtype_bytes)
     if gradient_checkpointing:
         # Each layer keeps only its input hidden state; during backward one layer is
         # recomputed (its saved tensors + their gradients in flight).
-        parts["checkpoints"] = n_fwd * shape.num_layers * tokens * shape.hidden_size * dtype_bytes
-        parts["recompute"] = BACKWARD_LAYER_FACTOR * (layer_saved + scores)
+        parts["checkpoints"] = shape.num_layers * tokens * shape.hidden_size * dtype_bytes
+        layers_backward = BACKWARD_LAYER_FACTOR * layer_saved
     else:
-        # Every layer of every forward keeps its saved tensors; the layer being
-        # back-propagated also holds its gradients.
-        parts["activations"] = n_fwd * shape.num_layers * (layer_saved + scores)
-        parts["backward_layer"] = (BACKWARD_LAYER_FACTOR - 1) * (layer_saved + scores)
-    parts["logits"] = TRAIN_LOGITS_COPIES * micro_batch * response_len * shape.vocab_size * 4
+        # Every layer keeps its saved tensors; the layer being back-propagated also holds
+        # its gradients.
+        parts["activations"] = shape.num_layers * layer_saved
+        layers_backward = (BACKWARD_LAYER_FACTOR - 1) * layer_saved
+    # The loss's backward to the last hidden state (all logits copies), then the layers'
+    # backward beside the kept logits: whichever is larger sets the peak.
+    parts["backward"] = max(TRAIN_LOGITS_COPIES * logits_unit,
+                            TRAIN_KEPT_LOGITS_COPIES * logits_unit + layers_backward)
+    parts["new_gradients"] = ADAPTER_PARAM_BYTES * lora.n_trainable * lora_params(shape, lora.r, lora.targets)
     parts["dequant_workspace"] = _dequant_workspace(shape, quantization, dtype_bytes)
     parts["workspace"] = WORKSPACE_BYTES
     return _total(parts)
