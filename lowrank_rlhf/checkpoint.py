@@ -1,8 +1,9 @@
-"""Checkpoints that are either whole or absent.
+"""Directories that are either whole or absent: checkpoints, adapters, the model cache.
 
-A checkpoint is written into a temporary sibling directory, finished with a manifest (every file's size and
-SHA-256), and only then renamed into place; the previous checkpoint is removed after the rename. A crash, a kill -9
-or a full disk at any moment leaves the previous checkpoint intact, and a damaged one is refused on load.
+`write_atomically` writes into a temporary sibling directory, optionally finishes it with a manifest (every file's
+size and SHA-256), fsyncs it, and only then renames it into place; a previous directory is moved aside first and
+removed after the rename. A crash, a kill -9 or a full disk at any moment leaves the previous directory intact and
+no half-written target, and a damaged checkpoint is refused on load (`verify`).
 """
 
 from __future__ import annotations
@@ -59,31 +60,69 @@ def verify(root: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    for path in _files(root) + [root / MANIFEST]:
+    # Without this the rename can reach the disk before the data: a power cut would leave a whole-looking directory
+    # of empty or truncated files.
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp_dir), add the manifest, then swap tmp_dir into `target`. On any error nothing changes."""
+def write_atomically(target: Path, write: Callable[[Path], None], *, manifest: bool = True,
+                     replace_existing: bool = True) -> Path:
+    """Call write(tmp_dir), then rename tmp_dir to `target`. On any error nothing changes and tmp_dir is removed.
+
+    manifest: add manifest.json so that `verify` can later refuse a truncated or altered copy (checkpoints); off for
+        directories that others read as they are (PEFT adapters, the model cache).
+    replace_existing: swap out an existing `target` for the new one; when False an existing `target` is kept and
+        the new copy discarded (a cache entry that another process finished first).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
-        write_manifest(tmp)
+        if manifest:
+            write_manifest(tmp)
         _fsync_tree(tmp)
+        if replace_existing:
+            _swap_in(tmp, target)
+        else:
+            _move_in_unless_present(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """target -> .target.old, tmp -> target, drop .old. Should a crash strike between the two renames, .old is the
+    previous directory, whole (`latest` resumes a checkpoint from it)."""
+    old = target.with_name(f".{target.name}.old")
+    moved_aside = False
+    if target.exists():
+        if old.exists():  # left by an earlier crash; `target` is newer
+            shutil.rmtree(old)
+        os.replace(target, old)
+        moved_aside = True
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if moved_aside and not target.exists():  # put the previous directory back where it was
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_in_unless_present(tmp: Path, target: Path) -> None:
+    if target.exists():  # another process finished first; keep theirs
+        shutil.rmtree(tmp)
+        return
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+        shutil.rmtree(tmp)  # another process renamed theirs in between (a directory cannot replace a non-empty one)
 
 
 def latest(target: Path) -> Path | None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
+from .checkpoint import write_atomically
 from .config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -28,22 +27,6 @@ TINY_LLAMA_VERSION = "v2"  # bump when the tiny architecture or tokenizer change
 def cache_dir() -> Path:
     """The model cache: $LOWRANK_RLHF_CACHE, else ~/.cache/lowrank_rlhf."""
     return Path(os.environ.get("LOWRANK_RLHF_CACHE") or Path.home() / ".cache" / "lowrank_rlhf")
-
-
-def _write_atomically(target: Path, write) -> Path:
-    """Write a directory via a temporary sibling and rename it, so an interrupted build never looks complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():  # another process finished first; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 TINY_CHAT_TEMPLATE = (
@@ -90,7 +73,7 @@ def build_tiny_llama() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _write_atomically(target, write)
+    return write_atomically(target, write, manifest=False, replace_existing=False)
 
 
 def smollm2_gguf_path() -> Path:
@@ -126,7 +109,7 @@ def build_smollm2() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _write_atomically(target, write)
+    return write_atomically(target, write, manifest=False, replace_existing=False)
 
 
 def resolve_model_path(name: str) -> str:

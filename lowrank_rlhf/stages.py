@@ -45,7 +45,6 @@ import gc
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -57,6 +56,7 @@ import torch
 from safetensors.torch import save_file
 from transformers.trainer_callback import ProgressCallback
 
+from .checkpoint import write_atomically
 from .config import ConfigError, RecipeConfig
 from .models import (check_llama_family, compute_dtype, keep_one_cpu_4bit_path, load_base, load_tokenizer,
                      quantization_config, resolve_device, resolve_model_path)
@@ -240,12 +240,6 @@ def scratch_dir(run_dir: Path, stage: str):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
 def check_run_dir(run_dir: Path, model_config, cfg: RecipeConfig) -> None:
     """Fail before training, not after, when the run directory holds adapters of another base."""
     path = run_dir / META_FILE
@@ -296,10 +290,8 @@ def sft_trainer(cfg: RecipeConfig, dataset: datasets.Dataset, output_dir: str | 
 def save_sft(trainer, cfg: RecipeConfig, run_dir: str | Path) -> Path:
     """The trained adapter -> RUN/sft (plain PEFT), and `sft` into RUN/lowrank_rlhf.json."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".sft-save-", dir=run_dir))
-    trainer.model.save_pretrained(str(tmp))  # adapter "default" lands in tmp itself, not in a subfolder
-    replace_dir(tmp, run_dir / "sft")
+    # adapter "default" lands in the folder itself, not in a subfolder
+    write_atomically(run_dir / "sft", lambda tmp: trainer.model.save_pretrained(str(tmp)), manifest=False)
     if (run_dir / "policy").is_dir():
         log.warning("%s/policy exists and does not start from the new sft adapter; delete it to restart PPO", run_dir)
     update_run_metadata(run_dir, trainer.model.get_base_model().config, cfg, "sft")
@@ -379,7 +371,6 @@ def reward_trainer(cfg: RecipeConfig, dataset: datasets.Dataset, output_dir: str
 def save_reward(trainer, cfg: RecipeConfig, run_dir: str | Path) -> Path:
     """LoRA weights (no score) -> RUN/reward as a causal-LM PEFT adapter; score -> RUN/reward/reward_head."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     model = trainer.model
     state = peft.get_peft_model_state_dict(model)
     lora = {k: v.detach().contiguous().cpu() for k, v in state.items() if "lora_" in k}
@@ -387,12 +378,14 @@ def save_reward(trainer, cfg: RecipeConfig, run_dir: str | Path) -> Path:
     weight = score.modules_to_save["default"].weight if hasattr(score, "modules_to_save") else score.weight
     causal = copy.deepcopy(model.peft_config["default"])  # target_modules already resolved to module names
     causal.task_type, causal.modules_to_save = "CAUSAL_LM", None
-    tmp = Path(tempfile.mkdtemp(prefix=".reward-save-", dir=run_dir))
-    causal.save_pretrained(str(tmp))
-    save_file(lora, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     head = {"weight": weight.detach().float().reshape(1, -1).contiguous().cpu(), "bias": torch.zeros(1)}
-    save_file(head, str(tmp / HEAD_FILES["reward"]))
-    replace_dir(tmp, run_dir / "reward")
+
+    def write(tmp: Path) -> None:
+        causal.save_pretrained(str(tmp))
+        save_file(lora, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(head, str(tmp / HEAD_FILES["reward"]))
+
+    write_atomically(run_dir / "reward", write, manifest=False)
     update_run_metadata(run_dir, model.get_base_model().config, cfg, "reward", head="reward")
     return run_dir / "reward"
 
