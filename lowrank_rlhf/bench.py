@@ -95,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"comma-separated, run in this order: {', '.join(LAYOUTS)} (default ours,four-model)")
     parser.add_argument("--micro-batch", default="",
                         help="skip the planner for these phases in every layout, e.g. generate=16,score=8,train=4")
+    parser.add_argument("--decode", default="generate", choices=("generate", "static", "static-compiled"),
+                        help="rollout decoding (ppo.decode): generate() with a growing cache, a static cache, or a "
+                             "static cache with the step compiled as CUDA graphs (default generate)")
     parser.add_argument("--gradient-checkpointing", default="auto", choices=("auto", "on", "off"),
                         help="auto = as the planner decides (default)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of every adapter (default 16)")
@@ -280,7 +283,7 @@ class Workload:
             f"data.max_prompt_length={args.prompt_len}", f"ppo.rollout_batch_size={args.batch}",
             f"ppo.response_length={args.response_len}", f"ppo.total_steps={total_steps}",
             f"ppo.num_ppo_epochs={args.ppo_epochs}", f"ppo.num_mini_batches={args.mini_batches}",
-            "ppo.temperature=1.0", "ppo.lr_scheduler_type=constant"])
+            "ppo.temperature=1.0", "ppo.lr_scheduler_type=constant", f"ppo.decode={q(args.decode)}"])
         self.hf_config = self._hf_config()
         self.shape = ModelShape.from_hf_config(self.hf_config)
         self.bandwidth: float | None = None
@@ -389,7 +392,8 @@ def run_layout(work: Workload, layout: str, result: dict, four_model_plan: Memor
     def scorer(rollout, runner):  # the learned reward head, micro-batched by the score phase's runner
         return model.rewards(rollout.input_ids, rollout.attention_mask, runner=runner)
 
-    probe = GenerationProbe(model.causal_lm)
+    # a forward hook inside a compiled step would break its graph: the compiled decoder is not watched
+    probe = GenerationProbe(model.causal_lm) if cfg.ppo.decode != "static-compiled" else None
     trainer = BenchTrainer(model, cfg, work.prompts(), scorer, run_dir=run_root / layout, micro_batches=micro,
                            force_response_length=True, show_progress=False, probe=probe)
     try:
@@ -400,10 +404,11 @@ def run_layout(work: Workload, layout: str, result: dict, four_model_plan: Memor
             log.info("%s step %d: %.2f s %s", layout, i, record["step_time_s"],
                      {p: round(v["time_s"], 2) for p, v in record["phases"].items()})
     finally:  # also after a fatal error: keep what was measured
-        probe.remove()
+        if probe:
+            probe.remove()
         result["oom_events"] = [e for r in trainer.runners.values() for e in r.oom_events]
         result["micro_batches"] = {p: r.micro_batch for p, r in trainer.runners.items()}
-        result["generation"] = probe.report()
+        result["generation"] = {"decode": cfg.ppo.decode, **(probe.report() if probe else {})}
         if result["steps"]:
             summarise(work, layout, result)
 

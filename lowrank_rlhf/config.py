@@ -111,6 +111,9 @@ class PPOConfig:
     num_ppo_epochs: int = opt(4, "passes over each rollout batch", low=1)
     response_length: int = opt(53, "new tokens generated per prompt", low=1)
     temperature: float = opt(0.7, "sampling temperature; logprobs use the same temperature", low=1e-3)
+    decode: str = opt("generate", "rollout decoding: generate = transformers' generate(); static = a fixed-size KV "
+                      "cache; static-compiled = that, with the decode step compiled (CUDA graphs on a GPU)",
+                      choices=("generate", "static", "static-compiled"))
     stop_token: str = opt("eos", "eos = truncate responses after the eos token; none = keep all tokens",
                           choices=("eos", "none"))
     missing_eos_penalty: float | None = opt(None, "subtracted from the score of responses without eos; null = off")

@@ -686,6 +686,7 @@ class MicroBatchRunner:
         self.inject_oom_above = inject_oom_above
         self.oom_events: list[dict[str, Any]] = []
         self.peak_memory_bytes: int | None = None
+        self.calls = 0  # run() calls so far: an OOM event records which call and item it struck
 
     def _call(self, fn: Callable[[int, int], Any], start: int, end: int) -> Any:
         if self.inject_oom_above is not None and end - start > self.inject_oom_above:
@@ -696,6 +697,7 @@ class MicroBatchRunner:
     def run(self, n_items: int, fn: Callable[[int, int], Any]) -> list[Any]:
         results: list[Any] = []
         start = 0
+        self.calls += 1
         while start < n_items:
             end = min(start + self.micro_batch, n_items)
             failed = False
@@ -725,5 +727,7 @@ class MicroBatchRunner:
                 f"shorten the sequences, enable gradient checkpointing or 4-bit quantization, or free GPU memory"
             )
         new = size // 2
-        self.oom_events.append({"phase": self.phase, "from": self.micro_batch, "to": new})
+        # `call` and `start` tell whether the micro-batches run before the OOM had another size than those after it
+        self.oom_events.append({"phase": self.phase, "from": self.micro_batch, "to": new, "call": self.calls,
+                                "start": start})
         self.micro_batch = new

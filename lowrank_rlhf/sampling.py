@@ -41,7 +41,11 @@ class KeyedGumbelSampler(LogitsProcessor):
         self.temperature = temperature
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        u = uniform_noise(self.row_keys.to(scores.device), input_ids.shape[1], scores.shape[-1])
+        return self.perturb(scores, input_ids.shape[1])
+
+    def perturb(self, scores: torch.Tensor, position: int) -> torch.Tensor:
+        """logits / T + Gumbel noise for the token at `position` (the sequence length so far, prompt included)."""
+        u = uniform_noise(self.row_keys.to(scores.device), position, scores.shape[-1])
         gumbel = -torch.log(-torch.log(u))
         return scores.float() / self.temperature + gumbel.to(torch.float32)
 

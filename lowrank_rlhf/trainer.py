@@ -25,6 +25,7 @@ from transformers import GenerationConfig
 from . import checkpoint as ckpt
 from .config import ConfigError, RecipeConfig, to_dict
 from .data import left_pad
+from .decoding import StaticDecoder
 from .memory import MicroBatchRunner
 from .ppo import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits, gae,
                   kl_penalty, masked_mean, masked_whiten, normalize_and_clip_scores, policy_loss, token_rewards,
@@ -108,6 +109,8 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
                        if self.ppo.adaptive_kl else FixedKLController(self.ppo.kl_coef))
         self.score_moments = RunningMoments()
+        self.decoder = (StaticDecoder(model.causal_lm, compiled=self.ppo.decode == "static-compiled")
+                        if self.ppo.decode != "generate" else None)
         self.step = 0
         self.nan_skips = 0
         self.order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
@@ -184,11 +187,17 @@ class PPOTrainer:
         length = self.ppo.response_length
         stop_id = tok.eos_token_id if self.ppo.stop_token == "eos" else None
         gen_cfg = GenerationConfig(max_new_tokens=length, do_sample=False, num_beams=1, use_cache=True,
-                                   eos_token_id=stop_id, pad_token_id=tok.pad_token_id,
+                                   # [] and not None: None would be filled in from the model's own eos
+                                   eos_token_id=stop_id if stop_id is not None else [], pad_token_id=tok.pad_token_id,
                                    min_new_tokens=length if self.force_response_length else None)
 
         def generate(a: int, b: int) -> torch.Tensor:
             sampler = KeyedGumbelSampler(keys[a:b], self.ppo.temperature)
+            if self.decoder is not None:
+                with self.model.generation_mode():
+                    self.model.activate("policy")
+                    return self.decoder.sample(query[a:b], query_mask[a:b], sampler, length, stop_id,
+                                               tok.pad_token_id, self.force_response_length)
             out = self.model.generate("policy", query[a:b], query_mask[a:b], generation_config=gen_cfg,
                                       logits_processor=[sampler])
             response = out[:, query.shape[1]:]

@@ -1,13 +1,18 @@
 """Shared fixtures: tiny-llama built once (no network), everything seeded, gpu/slow markers."""
 
+import os
 import random
 
-import numpy as np
-import pytest
-import torch
+# A fixed cuBLAS workspace on a GPU (read when CUDA starts, so set before any test runs): algorithm choice then does
+# not depend on free memory, and the same shapes give the same bits (test_gpu.py's OOM comparison). No effect on CPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from lowrank_rlhf.config import LoraConfig, ModelConfig
-from lowrank_rlhf.models import build_tiny_llama, load_base
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lowrank_rlhf.config import LoraConfig, ModelConfig  # noqa: E402
+from lowrank_rlhf.models import build_tiny_llama, load_base  # noqa: E402
 
 QUANTIZATIONS = ["4bit", "8bit", "none"]
 

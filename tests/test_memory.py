@@ -254,7 +254,8 @@ def test_runner_recovers_from_injected_oom():
     results = runner.run(20, _recording_fn(calls))
     assert [x for r in results for x in r] == [x for r in clean for x in r] == [i * i for i in range(20)]
     assert runner.micro_batch == 2
-    assert runner.oom_events == [{"phase": "score", "from": 8, "to": 4}, {"phase": "score", "from": 4, "to": 2}]
+    assert runner.oom_events == [{"phase": "score", "from": 8, "to": 4, "call": 1, "start": 0},
+                                 {"phase": "score", "from": 4, "to": 2, "call": 1, "start": 0}]
     # fn ran once per item, in order, only on slices that succeed
     assert [i for s, e in calls for i in range(s, e)] == list(range(20))
     assert all(e - s <= 2 for s, e in calls)
@@ -272,7 +273,15 @@ def test_runner_catches_runtime_error_out_of_memory_and_passes_others():
 
     runner = MicroBatchRunner("generate", micro_batch=8)
     assert runner.run(12, fn) == [4, 4, 4]
-    assert runner.oom_events == [{"phase": "generate", "from": 8, "to": 4}]
+    assert runner.oom_events == [{"phase": "generate", "from": 8, "to": 4, "call": 1, "start": 0}]
+
+    def fails_late(start, end):  # items before 6 already ran at 4 rows when the OOM strikes
+        if start >= 4 and end - start > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return end - start
+
+    assert runner.run(12, fails_late) == [4, 2, 2, 2, 2]
+    assert runner.oom_events[-1] == {"phase": "generate", "from": 4, "to": 2, "call": 2, "start": 4}
 
     def broken(start, end):
         raise RuntimeError("shape mismatch")
