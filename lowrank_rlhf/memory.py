@@ -586,10 +586,11 @@ def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets:
     floor = static_floor(shape, quantization, lora, dtype_bytes)["total"]
     if budget < floor:
         unit = "GiB" if floor >= 1024**3 else None  # a tiny model's floor is not "0.00 GiB"
+        smaller = "" if _quant(quantization) == "4bit" else "4-bit quantization, "
         raise MemoryBudgetError(
             f"memory budget {format_bytes(budget, unit)} is below the static floor "
-            f"{format_bytes(floor, unit)} (weights + adapters + optimizer); use 4-bit quantization, "
-            f"a smaller LoRA rank or fewer targets, or a larger budget"
+            f"{format_bytes(floor, unit)} (weights + adapters + optimizer); use {smaller}a smaller LoRA rank or "
+            f"fewer targets, or a larger budget"
         )
     usable = int(budget * BUDGET_FRACTION)
     train_batch = rollout_batch if train_batch is None else train_batch
