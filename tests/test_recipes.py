@@ -1,5 +1,6 @@
 """Every shipped recipe loads strictly and fits its card; a recipe that no test covers fails the suite."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,11 @@ def test_recipe_loads_strictly_and_plans_for_its_card(name):
     assert cfg.model.name == model
     memory_plan = plan_recipe(cfg, budget=card)
     assert memory_plan.fits, memory_plan.table()
+    stated = re.search(r"Expected peak memory: ([\d.]+) GiB \(planner estimate at budget (\w+)", "\n".join(header))
+    if stated:  # a planned figure in the header is the planner's, at the budget it names
+        at_budget = plan_recipe(cfg, budget=stated.group(2))
+        peak = max(p.peak_bytes for p in at_budget.phases.values()) / 1024**3
+        assert abs(peak - float(stated.group(1))) < 0.05, f"{name} says {stated.group(1)} GiB, the plan {peak:.2f}"
 
 
 def test_quickstart_recipe_file_matches_the_quickstart_command(tmp_path):
