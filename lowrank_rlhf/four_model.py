@@ -189,7 +189,8 @@ def plan_four_model(cfg: RecipeConfig, budget_bytes: int, shape: ModelShape) -> 
                       prompt_len=cfg.data.max_prompt_length, response_len=cfg.ppo.response_length,
                       rollout_batch=cfg.ppo.rollout_batch_size, budget_bytes=reduced,
                       dtype_bytes=dtype_bytes_for(cfg), n_frozen_adapters=lora.n_frozen,
-                      train_batch=cfg.ppo.rollout_batch_size // cfg.ppo.num_mini_batches)
+                      train_batch=cfg.ppo.rollout_batch_size // cfg.ppo.num_mini_batches,
+                      static_cache=cfg.ppo.decode != "generate")
     except MemoryBudgetError:
         raise MemoryBudgetError(f"memory budget {format_bytes(budget_bytes)} cannot hold the four-model "
                                 f"layout's static floor {format_bytes(floor)} (3 bases + adapters + "
@@ -215,8 +216,8 @@ def predicted_peaks(cfg: RecipeConfig, shape: ModelShape, layout: str, micro_bat
     extra = extra_base_bytes(shape, cfg, layout)
     not_yet = lora.optimizer_bytes(shape) if before_first_update else 0
     return {
-        "generate": estimate_generate(shape, q, lora, micro_batches["generate"], prompt, response,
-                                      dtype_bytes)["total"] + extra - not_yet,
+        "generate": estimate_generate(shape, q, lora, micro_batches["generate"], prompt, response, dtype_bytes,
+                                      static_cache=cfg.ppo.decode != "generate")["total"] + extra - not_yet,
         "score": estimate_score(shape, q, lora, micro_batches["score"], prompt, response, dtype_bytes)["total"]
         + extra - not_yet,
         "train": estimate_train(shape, q, lora, micro_batches["train"], prompt, response, dtype_bytes,

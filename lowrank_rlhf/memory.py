@@ -406,26 +406,28 @@ def _floor_parts(shape, quantization, lora, dtype_bytes) -> dict[str, int]:
 
 def estimate_generate(shape: ModelShape, quantization: str | None, lora: AdapterSpec | None,
                       batch: int, prompt_len: int, response_len: int, dtype_bytes: int = 2,
-                      *, flash_attention: bool = True) -> dict[str, int]:
+                      *, flash_attention: bool = True, static_cache: bool = False) -> dict[str, int]:
     """Peak of sampling ``batch`` responses: the larger of the prefill and the last decode step.
 
-    Prefill runs one layer at a time over the whole prompt with the cache at prompt length; the
-    last decode step holds the cache at full length, plus one layer's K and V twice while the
-    cache grows by concatenation, plus the sampler's logits.
+    Prefill runs one layer at a time over the whole prompt with the cache at prompt length (a
+    ``static_cache`` is allocated at full length from the start); the last decode step holds the
+    cache at full length, plus one layer's K and V twice while a growing cache is concatenated,
+    plus the sampler's logits.
     """
     length = prompt_len + response_len
     parts = _floor_parts(shape, quantization, lora, dtype_bytes)
     kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes
-    prefill = batch * prompt_len * (kv_per_token + _layer_forward_elems(shape) * dtype_bytes)
+    prefill = batch * ((length if static_cache else prompt_len) * kv_per_token
+                       + prompt_len * _layer_forward_elems(shape) * dtype_bytes)
     if not flash_attention:
         prefill += _attention_scores(shape, batch, prompt_len, dtype_bytes)
-    decode = (batch * length * kv_per_token + batch * length * kv_per_token // shape.num_layers
-              + GEN_LOGITS_COPIES * batch * shape.vocab_size * 4)
+    growth = 0 if static_cache else batch * length * kv_per_token // shape.num_layers
+    decode = batch * length * kv_per_token + growth + GEN_LOGITS_COPIES * batch * shape.vocab_size * 4
     if prefill > decode:
         parts["prefill"] = prefill
     else:
         parts["kv_cache"] = batch * length * kv_per_token
-        parts["kv_growth"] = batch * length * kv_per_token // shape.num_layers
+        parts["kv_growth"] = growth
         parts["logits"] = GEN_LOGITS_COPIES * batch * shape.vocab_size * 4
     parts["dequant_workspace"] = _dequant_workspace(shape, quantization, dtype_bytes)
     parts["workspace"] = WORKSPACE_BYTES
@@ -570,7 +572,7 @@ def _largest_fitting(estimate: Callable[[int], dict[str, int]], max_batch: int, 
 def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets: str | Sequence[str],
          n_trainable_adapters: int, prompt_len: int, response_len: int, rollout_batch: int,
          budget_bytes: int | str, dtype_bytes: int = 2, *, n_frozen_adapters: int = 2,
-         train_batch: int | None = None, flash_attention: bool = True) -> MemoryPlan:
+         train_batch: int | None = None, flash_attention: bool = True, static_cache: bool = False) -> MemoryPlan:
     """Largest power-of-two micro-batch per phase that fits ``BUDGET_FRACTION * budget``.
 
     ``train_batch`` (the PPO minibatch; default ``rollout_batch``) caps the train micro-batch.
@@ -610,7 +612,8 @@ def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets:
 
     phases = {
         "generate": phase("generate", lambda mb: estimate_generate(
-            shape, quantization, lora, mb, prompt_len, response_len, **common), rollout_batch),
+            shape, quantization, lora, mb, prompt_len, response_len, static_cache=static_cache, **common),
+            rollout_batch),
         "score": phase("score", lambda mb: estimate_score(
             shape, quantization, lora, mb, prompt_len, response_len, **common), rollout_batch),
     }

@@ -82,7 +82,8 @@ def plan_recipe(cfg: RecipeConfig, budget: str | int | None = None, shape: Model
     return plan(shape, cfg.model.quantization, cfg.lora.r, targets, n_trainable,
                 prompt_len=cfg.data.max_prompt_length, response_len=cfg.ppo.response_length,
                 rollout_batch=cfg.ppo.rollout_batch_size, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes,
-                train_batch=cfg.ppo.rollout_batch_size // cfg.ppo.num_mini_batches)
+                train_batch=cfg.ppo.rollout_batch_size // cfg.ppo.num_mini_batches,
+                static_cache=cfg.ppo.decode != "generate")
 
 
 def micro_batches(cfg: RecipeConfig, memory_plan: MemoryPlan | None) -> dict[str, int]:

@@ -343,3 +343,24 @@ def test_planner_within_5_percent_of_recorded_gpu_peaks(report, layout_name, pha
                                 before_first_update=args["warmup"] == 0 and args["steps"] == 1)
     measured = layout["peak_bytes"][phase]["allocated"]
     assert abs(measured / predicted[phase] - 1) <= 0.05, (measured / GiB, predicted[phase] / GiB)
+
+
+def test_a_static_cache_is_counted_at_full_length_from_the_prefill():
+    dynamic = estimate_generate(LLAMA2_7B, "4bit", ADAPTERS, 32, 256, 256)
+    static = estimate_generate(LLAMA2_7B, "4bit", ADAPTERS, 32, 256, 256, static_cache=True)
+    kv_full = 32 * 512 * 2 * LLAMA2_7B.num_layers * LLAMA2_7B.num_kv_heads * LLAMA2_7B.head_dim * 2
+    # the prefill's activations now sit beside the whole cache, not half of it
+    assert static["prefill"] > kv_full and static["total"] > dynamic["total"]
+
+
+def test_plan_recipe_plans_generation_for_the_decode_mode():
+    from lowrank_rlhf.config import load_recipe
+    from lowrank_rlhf.planning import plan_recipe
+
+    overrides = ["model.name=llama2-7b", "model.device=cuda", "ppo.rollout_batch_size=32", "ppo.response_length=256",
+                 "data.max_prompt_length=256"]
+    generate = plan_recipe(load_recipe(None, overrides), budget="200GiB", shape=LLAMA2_7B)
+    static = plan_recipe(load_recipe(None, overrides + ["ppo.decode=static-compiled"]), budget="200GiB",
+                         shape=LLAMA2_7B)
+    assert static.peak_bytes("generate") > generate.peak_bytes("generate")
+    assert static.peak_bytes("train") == generate.peak_bytes("train")
