@@ -33,11 +33,18 @@ def test_static_cache_samples_the_same_tokens_as_generate(tmp_path, stop_token, 
 
 
 def test_compiled_decode_samples_the_same_tokens_as_generate(tmp_path):
-    """torch.compile on the CPU (inductor, no CUDA graphs): the compiled step computes what the eager one does."""
-    reference = rollout(tmp_path / "a", "generate")
-    compiled = rollout(tmp_path / "b", "static-compiled")
-    assert torch.equal(compiled.input_ids, reference.input_ids)
-    assert torch.equal(compiled.attention_mask, reference.attention_mask)
+    """torch.compile on the CPU (inductor, no CUDA graphs): the compiled step computes what the eager one does,
+    also on the next rollout, which reuses the kept cache after a reset."""
+    trainers = {decode: make_trainer(recipe(tmp_path / decode, f"ppo.decode={decode}", *SETTINGS),
+                                     micro_batches={"generate": 4}) for decode in ("generate", "static-compiled")}
+    for step in range(2):
+        outs = {}
+        for decode, trainer in trainers.items():
+            trainer.step = step  # new prompts and sampling keys
+            outs[decode] = trainer.rollout()
+        assert torch.equal(outs["static-compiled"].input_ids, outs["generate"].input_ids)
+        assert torch.equal(outs["static-compiled"].attention_mask, outs["generate"].attention_mask)
+    assert trainers["static-compiled"].decoder._cache is not None  # kept for the next rollout
 
 
 def test_out_of_memory_mid_decode_releases_the_kept_cache(tmp_path):
