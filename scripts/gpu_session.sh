@@ -7,6 +7,10 @@
 #   bash scripts/gpu_session.sh bench7    # 7B @ 24 GiB: ours, four-model, ours-matched  (~7 min; DECODE=... to pick)
 #   bash scripts/gpu_session.sh bench13   # 13B @ 24 GiB: ours, four-model  (~5 min)
 set -euo pipefail
+case "${1:-}" in
+    tests|decode|bench7|bench13) ;;
+    *) echo "usage: bash scripts/gpu_session.sh tests|decode|bench7|bench13" >&2; exit 2 ;;
+esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT" .site
 tar xzf .gpu/site.tgz -C .site
@@ -30,6 +34,4 @@ case "${1:-}" in
             --decode "${DECODE:-generate}" ;;
     bench13)
         bench bench_13b_24g --model llama2-13b --budget 24GiB --layouts ours,four-model --decode "${DECODE:-generate}" ;;
-    *)
-        echo "usage: bash scripts/gpu_session.sh tests|decode|bench7|bench13" >&2; exit 2 ;;
 esac
