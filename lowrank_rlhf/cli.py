@@ -87,6 +87,15 @@ def cmd_bench(args) -> int:
     return bench.run(args)
 
 
+def recipe_command(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    """A subcommand taking a recipe file and key=value overrides (options are added by the caller)."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. ppo.kl_coef=0.1")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-rlhf", description="RLHF (SFT -> reward model -> PPO) for "
                                      "LLaMA-family models on one GPU: one quantized base, LoRA adapters for every "
@@ -100,20 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
     p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("train", help="run a recipe's stages")
-    p.add_argument("recipe", help="recipe YAML file")
+    p = recipe_command(sub, "train", "run a recipe's stages", cmd_train)
     p.add_argument("--stage", default="all", choices=("sft", "reward", "ppo", "all"), help="stage(s) to run")
     p.add_argument("--output-dir", help="run directory; overrides the recipe's run_dir")
     p.add_argument("--overwrite", action="store_true", help="replace this stage's existing results")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. ppo.kl_coef=0.1")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("plan", help="the memory plan per phase for a recipe")
-    p.add_argument("recipe", help="recipe YAML file")
+    p = recipe_command(sub, "plan", "the memory plan per phase for a recipe", cmd_plan)
     p.add_argument("--budget", help="memory budget, e.g. 24GiB (default: the recipe's memory.budget)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="answer a prompt with a run's trained policy")
     p.add_argument("run", help="run directory")

@@ -75,24 +75,27 @@ class DataConfig:
 
 
 @dataclass
-class SFTStageConfig:
-    enabled: bool = opt(True, "run the SFT stage (TRL SFTTrainer, LoRA on the shared quantized base)")
-    epochs: float = opt(1.0, "passes over the SFT data", low=0.0)
+class _TrainedStageConfig:
+    """What the SFT and reward stages share; each names its own defaults and help below."""
+
+    epochs: float = opt(1.0, "passes over the stage's data", low=0.0)
     max_steps: int = opt(-1, "stop after this many optimizer steps; -1 = run all epochs", low=-1)
+    gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", low=1)
+
+
+@dataclass
+class SFTStageConfig(_TrainedStageConfig):
+    enabled: bool = opt(True, "run the SFT stage (TRL SFTTrainer, LoRA on the shared quantized base)")
     learning_rate: float = opt(2e-4, "AdamW learning rate", low=0.0)
     batch_size: int = opt(8, "examples per optimizer step (per device)", low=1)
-    gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", low=1)
     max_length: int = opt(512, "longest tokenized example", low=8)
 
 
 @dataclass
-class RewardModelStageConfig:
+class RewardModelStageConfig(_TrainedStageConfig):
     enabled: bool = opt(True, "run the reward stage (TRL RewardTrainer, Bradley-Terry, LoRA + scalar head)")
-    epochs: float = opt(1.0, "passes over the preference pairs", low=0.0)
-    max_steps: int = opt(-1, "stop after this many optimizer steps; -1 = run all epochs", low=-1)
     learning_rate: float = opt(1e-4, "AdamW learning rate", low=0.0)
     batch_size: int = opt(8, "pairs per optimizer step (per device)", low=1)
-    gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", low=1)
     max_length: int = opt(512, "longest tokenized prompt + answer", low=8)
 
 

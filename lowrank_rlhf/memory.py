@@ -33,7 +33,6 @@ __all__ = [
     "estimate_score",
     "estimate_train",
     "format_bytes",
-    "length_grouped_micro_batches",
     "linear_shapes",
     "lora_params",
     "parse_bytes",
@@ -421,14 +420,13 @@ def estimate_generate(shape: ModelShape, quantization: str | None, lora: Adapter
                        + prompt_len * _layer_forward_elems(shape) * dtype_bytes)
     if not flash_attention:
         prefill += _attention_scores(shape, batch, prompt_len, dtype_bytes)
-    growth = 0 if static_cache else batch * length * kv_per_token // shape.num_layers
-    decode = batch * length * kv_per_token + growth + GEN_LOGITS_COPIES * batch * shape.vocab_size * 4
-    if prefill > decode:
+    decode = {"kv_cache": batch * length * kv_per_token,
+              "kv_growth": 0 if static_cache else batch * length * kv_per_token // shape.num_layers,
+              "logits": GEN_LOGITS_COPIES * batch * shape.vocab_size * 4}
+    if prefill > sum(decode.values()):
         parts["prefill"] = prefill
     else:
-        parts["kv_cache"] = batch * length * kv_per_token
-        parts["kv_growth"] = growth
-        parts["logits"] = GEN_LOGITS_COPIES * batch * shape.vocab_size * 4
+        parts.update(decode)
     parts["dequant_workspace"] = _dequant_workspace(shape, quantization, dtype_bytes)
     parts["workspace"] = WORKSPACE_BYTES
     return _total(parts)
@@ -625,31 +623,6 @@ def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets:
     return MemoryPlan(phases, checkpointing, floor, budget, usable)
 
 
-# --------------------------------------------------------------------------- token budgeting
-
-
-def length_grouped_micro_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:
-    """Group indices (sorted by length) into micro-batches with count * max_len <= max_tokens.
-
-    Every index appears exactly once; a single sequence longer than ``max_tokens`` gets a
-    micro-batch of its own (it cannot be split here).
-    """
-    if max_tokens < 1 or max_batch < 1:
-        raise ValueError(f"max_tokens and max_batch must be >= 1, got {max_tokens}, {max_batch}")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # Sorted ascending, so the newcomer is the longest of the candidate batch.
-        if current and (len(current) + 1 > max_batch or (len(current) + 1) * lengths[i] > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 # --------------------------------------------------------------------------- OOM-retry runner
 
 _OOM_TYPES: tuple[type[BaseException], ...] = tuple(
@@ -689,7 +662,6 @@ class MicroBatchRunner:
         self.micro_batch = int(micro_batch)
         self.inject_oom_above = inject_oom_above
         self.oom_events: list[dict[str, Any]] = []
-        self.peak_memory_bytes: int | None = None
         self.calls = 0  # run() calls so far: an OOM event records which call and item it struck
 
     def _call(self, fn: Callable[[int, int], Any], start: int, end: int) -> Any:
@@ -716,8 +688,6 @@ class MicroBatchRunner:
                 continue
             results.append(result)
             start = end
-        if torch.cuda.is_available():
-            self.peak_memory_bytes = int(torch.cuda.max_memory_allocated())
         return results
 
     def _recover(self, start: int, end: int) -> None:

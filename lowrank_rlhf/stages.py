@@ -264,6 +264,17 @@ def update_run_metadata(run_dir: Path, model_config, cfg: RecipeConfig, role: st
     return meta
 
 
+def train_and_save(cfg: RecipeConfig, run_dir: Path, stage: str, make_trainer, save):
+    """Build a TRL trainer on a scratch output_dir, refuse a run directory of another base before training, train,
+    then save the stage's adapter with `save(trainer, cfg, run_dir)`. Returns (trainer, TrainOutput)."""
+    with scratch_dir(run_dir, stage) as out:
+        trainer = make_trainer(out)
+        check_run_dir(run_dir, trainer.model.get_base_model().config, cfg)
+        result = trainer.train()
+        save(trainer, cfg, run_dir)
+    return trainer, result
+
+
 def free() -> None:
     """Return memory after the caller dropped its references (a trainer holds the model and optimizer)."""
     gc.collect()
@@ -302,11 +313,7 @@ def train_sft(cfg: RecipeConfig, dataset: datasets.Dataset, run_dir: str | Path)
     """Supervised fine-tuning of the `sft` adapter; writes RUN/sft. Returns loss, steps and seconds."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    with scratch_dir(run_dir, "sft") as out:
-        trainer = sft_trainer(cfg, dataset, out)
-        check_run_dir(run_dir, trainer.model.get_base_model().config, cfg)
-        result = trainer.train()
-        save_sft(trainer, cfg, run_dir)
+    trainer, result = train_and_save(cfg, run_dir, "sft", lambda out: sft_trainer(cfg, dataset, out), save_sft)
     metrics = {**loss_summary(trainer, result), "examples": len(trainer.train_dataset),
                "seconds": time.perf_counter() - start}
     del trainer
@@ -428,11 +435,8 @@ def train_reward(cfg: RecipeConfig, dataset: datasets.Dataset, run_dir: str | Pa
     """Train the reward adapter + head; writes RUN/reward. eval_accuracy is measured through RoleModel."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    with scratch_dir(run_dir, "reward") as out:
-        trainer = reward_trainer(cfg, dataset, out)
-        check_run_dir(run_dir, trainer.model.get_base_model().config, cfg)
-        result = trainer.train()
-        save_reward(trainer, cfg, run_dir)
+    trainer, result = train_and_save(cfg, run_dir, "reward", lambda out: reward_trainer(cfg, dataset, out),
+                                     save_reward)
     metrics = {**loss_summary(trainer, result), "pairs": len(trainer.train_dataset)}
     accuracies = [e["accuracy"] for e in trainer.state.log_history if "accuracy" in e]
     metrics["train_accuracy_last"] = accuracies[-1] if accuracies else float("nan")

@@ -317,8 +317,12 @@ class PPOTrainer:
             rollout, scored, advantages, returns, rows[a:b], n_tokens))
         stats = {k: sum(r[k] for r in results) for k in results[0]}
         self._all_reduce_grads()
-        finite = all(math.isfinite(v) for v in stats.values()) and all(
-            p.grad is None or torch.isfinite(p.grad).all() for p in self.policy_params + self.value_params)
+        # One gradient norm per role serves both the finiteness check (one host sync, not one per parameter) and
+        # the clipping below.
+        roles = [(params, torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                 for params in (self.policy_params, self.value_params) if params]
+        finite = all(math.isfinite(v) for v in stats.values()) and bool(
+            torch.isfinite(torch.stack([norm.to(roles[0][1].device) for _, norm in roles])).all())
         if not finite:
             self.nan_skips += 1
             log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", self.step,
@@ -330,9 +334,8 @@ class PPOTrainer:
                                      f"{self.ppo.max_nan_skips})")
             return {**{k: 0.0 for k in stats}, "skipped": 1.0}
         self.nan_skips = 0
-        for params in (self.policy_params, self.value_params):
-            if params:
-                torch.nn.utils.clip_grad_norm_(params, self.ppo.max_grad_norm)
+        for params, norm in roles:
+            torch.nn.utils.clip_grads_with_norm_(params, self.ppo.max_grad_norm, norm)
         self.optimizer.step()
         self.scheduler.step()
         return {**stats, "skipped": 0.0}
@@ -370,12 +373,11 @@ class PPOTrainer:
             entropy = masked_mean(entropy_from_logits(out["logits"]), resp_mask)
         for param, grad in zip(self.policy_params + self.value_params, grads):
             param.grad = grad if param.grad is None else param.grad + grad
-        w = weight.item()
-        return {"loss/policy_avg": pg_loss.item() * w, "loss/value_avg": vf_loss.item() * w,
-                "policy/approxkl_avg": pg_stats["approxkl"].item() * w,
-                "policy/clipfrac_avg": pg_stats["clipfrac"].item() * w,
-                "val/clipfrac_avg": vf_stats["clipfrac"].item() * w, "policy/entropy_avg": entropy.item() * w,
-                "val/ratio": pg_stats["ratio"].item() * w}
+        stats = {"loss/policy_avg": pg_loss, "loss/value_avg": vf_loss, "policy/approxkl_avg": pg_stats["approxkl"],
+                 "policy/clipfrac_avg": pg_stats["clipfrac"], "val/clipfrac_avg": vf_stats["clipfrac"],
+                 "policy/entropy_avg": entropy, "val/ratio": pg_stats["ratio"]}
+        values = (torch.stack([v.detach().float() for v in stats.values()]) * weight).tolist()  # one host sync
+        return dict(zip(stats, values))
 
     def _all_reduce_grads(self) -> None:
         """Data parallel without wrapping the quantized model in DDP: average the adapters' gradients across

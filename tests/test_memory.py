@@ -24,7 +24,6 @@ from lowrank_rlhf.memory import (
     estimate_score,
     estimate_train,
     format_bytes,
-    length_grouped_micro_batches,
     lora_params,
     parse_bytes,
     plan,
@@ -215,28 +214,6 @@ def test_plan_non_power_of_two_batch():
     assert p.micro_batches == {"generate": 16, "score": 16, "train": 16}
 
 
-# ----------------------------------------------------------------------------- token budgeting
-
-
-@pytest.mark.parametrize("max_tokens, max_batch", [(64, 4), (100, 8), (1000, 3), (5, 2)])
-def test_length_grouped_micro_batches(max_tokens, max_batch):
-    lengths = [5, 30, 7, 12, 30, 1, 50, 8, 8, 21, 3, 40]
-    batches = length_grouped_micro_batches(lengths, max_tokens, max_batch)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(len(lengths)))
-    assert [lengths[i] for i in flat] == sorted(lengths)
-    for b in batches:
-        assert len(b) <= max_batch
-        longest = max(lengths[i] for i in b)
-        assert len(b) * longest <= max_tokens or len(b) == 1  # a lone over-long sequence is allowed
-
-
-def test_length_grouped_micro_batches_edges():
-    assert length_grouped_micro_batches([], 10, 2) == []
-    with pytest.raises(ValueError):
-        length_grouped_micro_batches([1], 0, 2)
-
-
 # ----------------------------------------------------------------------------- runner
 
 
@@ -259,7 +236,6 @@ def test_runner_recovers_from_injected_oom():
     # fn ran once per item, in order, only on slices that succeed
     assert [i for s, e in calls for i in range(s, e)] == list(range(20))
     assert all(e - s <= 2 for s, e in calls)
-    assert runner.peak_memory_bytes is None or runner.peak_memory_bytes >= 0
 
 
 def test_runner_catches_runtime_error_out_of_memory_and_passes_others():
