@@ -5,12 +5,12 @@ reference). The PPO loop plans micro-batches to fit the card and recovers from o
 """
 
 from .config import ConfigError, RecipeConfig, load_recipe
-from .memory import MemoryBudgetError, MemoryPlan, ModelShape
-from .models import build_smollm2, build_tiny_llama, load_base
+from .memory.estimate import MemoryBudgetError, MemoryPlan, ModelShape
+from .models.loading import build_smollm2, build_tiny_llama, load_base
 from .pipeline import build_trainer, load_roles, run_stages
-from .planning import plan_recipe
-from .roles import BASE, REFERENCE, RoleModel
-from .trainer import PPOTrainer, Rollout
+from .memory.plan import plan_recipe
+from .models.roles import BASE, REFERENCE, RoleModel
+from .rl.trainer import PPOTrainer, Rollout
 
 __version__ = "0.1.0"
 

@@ -19,11 +19,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
-    from .memory import MemoryBudgetError, MicroBatchOOMError
+    from .memory.estimate import MemoryBudgetError, MicroBatchOOMError
     from .pipeline import RunDirError
     from .rewards import RewardFunctionError
-    from .roles import BaseMismatchError
-    from .trainer import NonFiniteError
+    from .models.roles import BaseMismatchError
+    from .rl.trainer import NonFiniteError
 
     return (ConfigError, DataError, RewardFunctionError, MemoryBudgetError, MicroBatchOOMError, BaseMismatchError,
             RunDirError, CheckpointError, NonFiniteError, OSError)  # OSError: a full disk, a missing file
@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
 
 def cmd_plan(args) -> int:
     from .config import load_recipe
-    from .planning import plan_recipe
+    from .memory.plan import plan_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
     memory_plan = plan_recipe(cfg, budget=args.budget)
@@ -66,7 +66,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .serving import generate_from_run
+    from .inference import generate_from_run
 
     for text in generate_from_run(Path(args.run), args.prompt, role=args.role, max_new_tokens=args.max_new_tokens):
         print(text)
@@ -74,7 +74,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .serving import export_run
+    from .inference import export_run
 
     out = export_run(Path(args.run), Path(args.out), merge=args.merge, overwrite=args.overwrite)
     print(f"exported to {out}")
@@ -82,7 +82,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from .bench import run as bench
 
     return bench.run(args)
 
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="memory and speed: our one-base layout against the four-model layout")
-    from . import bench
+    from .bench import run as bench
 
     bench.add_arguments(p)
     p.set_defaults(func=cmd_bench)

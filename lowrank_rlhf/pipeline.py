@@ -19,13 +19,14 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
-from . import data, rewards
+from . import data
+from . import rewards
 from .config import ConfigError, RecipeConfig, to_dict
-from .memory import ModelShape
-from .models import check_llama_family, load_base, load_tokenizer, resolve_model_path
-from .planning import enforce_budget, gradient_checkpointing, micro_batches, plan_recipe
-from .roles import META_FILE, RoleModel, check_base, read_run_metadata
-from .trainer import PPOTrainer, Rollout
+from .memory.estimate import ModelShape
+from .models.loading import check_llama_family, load_base, load_tokenizer, resolve_model_path
+from .memory.plan import enforce_budget, gradient_checkpointing, micro_batches, plan_recipe
+from .models.roles import META_FILE, RoleModel, check_base, read_run_metadata
+from .rl.trainer import PPOTrainer, Rollout
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "reward", "ppo")

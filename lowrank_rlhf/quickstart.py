@@ -19,8 +19,8 @@ import torch
 from . import data
 from .config import RecipeConfig, load_recipe
 from .pipeline import load_roles, run_stages
-from .roles import BASE, REFERENCE, RoleModel
-from .trainer import PPOTrainer
+from .models.roles import BASE, REFERENCE, RoleModel
+from .rl.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ import torch
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from transformers import LlamaConfig
 
-from lowrank_rlhf import bench
+from lowrank_rlhf.bench import run as bench
 from lowrank_rlhf.config import load_recipe
-from lowrank_rlhf.four_model import FourModelRoles, plan_four_model, predicted_peaks
-from lowrank_rlhf.memory import LLAMA2_7B, LLAMA2_13B, MemoryBudgetError, ModelShape, lora_params, weight_bytes
-from lowrank_rlhf.models import load_base
-from lowrank_rlhf.random_models import DECODER_LINEARS, build_random_llama, llama_config, model_weight_bytes
-from lowrank_rlhf.roles import RoleModel
-from lowrank_rlhf.trainer import PPOTrainer
+from lowrank_rlhf.bench.four_model import FourModelRoles, plan_four_model, predicted_peaks
+from lowrank_rlhf.memory.estimate import LLAMA2_7B, LLAMA2_13B, MemoryBudgetError, ModelShape, lora_params, weight_bytes
+from lowrank_rlhf.models.loading import load_base
+from lowrank_rlhf.models.random_llama import DECODER_LINEARS, build_random_llama, llama_config, model_weight_bytes
+from lowrank_rlhf.models.roles import RoleModel
+from lowrank_rlhf.rl.trainer import PPOTrainer
 
 
 @pytest.fixture(autouse=True, scope="module")

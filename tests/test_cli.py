@@ -12,7 +12,7 @@ import torch
 from conftest import error_line
 from lowrank_rlhf.cli import build_parser, main
 from lowrank_rlhf.config import ModelConfig
-from lowrank_rlhf.models import load_base
+from lowrank_rlhf.models.loading import load_base
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny-cpu.yaml")

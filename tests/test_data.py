@@ -11,7 +11,7 @@ from lowrank_rlhf import data as D
 from lowrank_rlhf.data import (CLICKBAIT_PROMPT, DataError, bundled_names, completion_text, encode_prompts,
                                holdout_split, left_pad, load_preferences, load_prompts, load_sft, load_table,
                                normalize_answer, prompt_texts, tokenize_prompts)
-from lowrank_rlhf.models import load_tokenizer
+from lowrank_rlhf.models.loading import load_tokenizer
 
 ROWS = [{"prompt": "Is the sky blue?", "completion": "yes"}, {"prompt": "Is fire cold?", "completion": "no"},
         {"prompt": "Is water wet?", "completion": "yes"}]

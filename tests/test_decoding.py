@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lowrank_rlhf.decoding import StaticDecoder
-from lowrank_rlhf.sampling import KeyedGumbelSampler, row_keys
+from lowrank_rlhf.rl.decoding import StaticDecoder
+from lowrank_rlhf.rl.sampling import KeyedGumbelSampler, row_keys
 
 from test_trainer import make_trainer, recipe
 

@@ -11,13 +11,14 @@ import time
 import pytest
 import torch
 
-from lowrank_rlhf import bench, planning
+from lowrank_rlhf.bench import run as bench
+from lowrank_rlhf.memory import plan as planning
 from lowrank_rlhf.config import ModelConfig, load_recipe
-from lowrank_rlhf.memory import LLAMA2_7B, plan, weight_bytes
-from lowrank_rlhf.models import load_base
-from lowrank_rlhf.random_models import build_random_llama, model_weight_bytes
-from lowrank_rlhf.roles import RoleModel
-from lowrank_rlhf.trainer import PPOTrainer
+from lowrank_rlhf.memory.estimate import LLAMA2_7B, plan, weight_bytes
+from lowrank_rlhf.models.loading import load_base
+from lowrank_rlhf.models.random_llama import build_random_llama, model_weight_bytes
+from lowrank_rlhf.models.roles import RoleModel
+from lowrank_rlhf.rl.trainer import PPOTrainer
 
 pytestmark = pytest.mark.gpu
 GIB = 1024**3

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from lowrank_rlhf.memory import (
+from lowrank_rlhf.memory.estimate import (
     ADAPTER_PARAM_BYTES,
     BUDGET_FRACTION,
     LLAMA2_7B,
@@ -306,7 +306,7 @@ def test_planner_within_5_percent_of_recorded_gpu_peaks(report, layout_name, pha
     micro-batches each run used. These runs are the data the coefficients were fitted to (2026-11-24), so this
     guards the formulas against drift; a new recorded run joins the check by being committed there."""
     from lowrank_rlhf.config import load_recipe
-    from lowrank_rlhf.four_model import predicted_peaks
+    from lowrank_rlhf.bench.four_model import predicted_peaks
 
     args, layout = report["args"], report["layouts"][layout_name]
     shape = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B}[args["model"]]
@@ -331,7 +331,7 @@ def test_a_static_cache_is_counted_at_full_length_from_the_prefill():
 
 def test_plan_recipe_plans_generation_for_the_decode_mode():
     from lowrank_rlhf.config import load_recipe
-    from lowrank_rlhf.planning import plan_recipe
+    from lowrank_rlhf.memory.plan import plan_recipe
 
     overrides = ["model.name=llama2-7b", "model.device=cuda", "ppo.rollout_batch_size=32", "ppo.response_length=256",
                  "data.max_prompt_length=256"]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lowrank_rlhf.ppo import (
+from lowrank_rlhf.rl.ppo import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from lowrank_rlhf.config import load_recipe
-from lowrank_rlhf.planning import plan_recipe
+from lowrank_rlhf.memory.plan import plan_recipe
 from lowrank_rlhf.quickstart import QUICKSTART, quickstart_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import error_line
 from lowrank_rlhf import checkpoint as ckpt
-from lowrank_rlhf import models
+from lowrank_rlhf.models import loading as models
 from lowrank_rlhf.cli import main
 from lowrank_rlhf.config import ConfigError, ModelConfig, load_recipe
 from lowrank_rlhf.pipeline import RunDirError, check_run_dir
@@ -150,7 +150,7 @@ def test_tokenizer_without_pad_token_uses_eos_and_says_so(tiny_path, tmp_path, c
     tokenizer.pad_token = None
     tokenizer.save_pretrained(model_dir)
     assert AutoTokenizer.from_pretrained(model_dir).pad_token is None
-    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.models"):
+    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.models.loading"):
         assert train(tmp_path / "run", f"model.name={model_dir}", "ppo.total_steps=1") == 0
     assert f"tokenizer of {model_dir} has no pad token: using eos '</s>' as pad" in caplog.text
     assert models.load_tokenizer(str(model_dir)).pad_token == "</s>"
@@ -348,7 +348,7 @@ def test_nan_loss_skips_the_update_and_logs_it(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(trainer_module, "policy_loss", nan_once)
     trainer = make_trainer(recipe(tmp_path, "ppo.total_steps=1", "ppo.num_ppo_epochs=1", "ppo.num_mini_batches=2"))
     before = adapter_weights(trainer)
-    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.trainer"):
+    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.rl.trainer"):
         trainer.train()
     assert "step 0: non-finite loss or gradient, update skipped (1 in a row)" in caplog.text
     metrics = json.loads((tmp_path / "metrics.jsonl").read_text())
@@ -358,7 +358,7 @@ def test_nan_loss_skips_the_update_and_logs_it(tmp_path, caplog, monkeypatch):
 
 @pytest.mark.parametrize("failing", [
     pytest.param("torch.save", id="optimizer-state"),
-    pytest.param("lowrank_rlhf.roles.save_file", id="value-head-safetensors"),
+    pytest.param("lowrank_rlhf.models.roles.save_file", id="value-head-safetensors"),
 ])
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, failing):
     straight = make_trainer(recipe(tmp_path / "straight", "ppo.total_steps=3"))

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from conftest import make_batch
 from lowrank_rlhf import data, stages
 from lowrank_rlhf.config import LoraConfig, ModelConfig, RecipeConfig
-from lowrank_rlhf.models import load_base, load_tokenizer
-from lowrank_rlhf.roles import REFERENCE, RoleModel
+from lowrank_rlhf.models.loading import load_base, load_tokenizer
+from lowrank_rlhf.models.roles import REFERENCE, RoleModel
 
 ALL_ROLES = ("policy", "value", "reward", "sft")
 RAMBLE = "well, it is hard to say, there are many sides to this and I would rather not commit"

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lowrank_rlhf.config import load_recipe
-from lowrank_rlhf.models import load_base
-from lowrank_rlhf.roles import RoleModel
-from lowrank_rlhf.trainer import NonFiniteError, PPOTrainer
+from lowrank_rlhf.models.loading import load_base
+from lowrank_rlhf.models.roles import RoleModel
+from lowrank_rlhf.rl.trainer import NonFiniteError, PPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,8 +167,8 @@ def test_two_cpu_processes_end_with_identical_adapters(tmp_path):
 def test_map_rows_trims_padding_and_restores_full_width_for_any_output_shape(tmp_path):
     """Rows with short responses share trimmed micro-batches; per-token outputs of any rank come back full width
     and in the original row order (the shared critic returns [n, r, 2])."""
-    from lowrank_rlhf.memory import MicroBatchRunner
-    from lowrank_rlhf.trainer import Rollout
+    from lowrank_rlhf.memory.estimate import MicroBatchRunner
+    from lowrank_rlhf.rl.trainer import Rollout
 
     trainer = make_trainer(recipe(tmp_path))
     ids = torch.arange(1, 4 * 9 + 1).reshape(4, 9)

@@ -23,9 +23,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LoraConfig
-from .memory import MicroBatchRunner
-from .ppo import selective_log_softmax
+from ..config import LoraConfig
+from ..memory.estimate import MicroBatchRunner
+from ..rl.ppo import selective_log_softmax
 
 log = logging.getLogger(__name__)
 

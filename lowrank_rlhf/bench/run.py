@@ -41,14 +41,14 @@ from pathlib import Path
 
 import torch
 
-from . import planning
-from .config import load_recipe
+from ..memory import plan as planning
+from ..config import load_recipe
 from .four_model import FourModelRoles, plan_four_model, predicted_peaks
-from .memory import BUDGET_FRACTION, MemoryBudgetError, MemoryPlan, ModelShape, format_bytes
-from .models import compute_dtype, load_base, resolve_device
-from .random_models import RANDOM_MODELS, build_random_llama, llama_config, model_weight_bytes
-from .roles import RoleModel
-from .trainer import PHASES, PPOTrainer
+from ..memory.estimate import BUDGET_FRACTION, MemoryBudgetError, MemoryPlan, ModelShape, format_bytes
+from ..models.loading import compute_dtype, load_base, resolve_device
+from ..models.random_llama import RANDOM_MODELS, build_random_llama, llama_config, model_weight_bytes
+from ..models.roles import RoleModel
+from ..rl.trainer import PHASES, PPOTrainer
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ class Workload:
             return llama_config(self.model_name)
         from transformers import AutoConfig
 
-        from .models import resolve_model_path
+        from ..models.loading import resolve_model_path
         return AutoConfig.from_pretrained(resolve_model_path(self.model_name))
 
     def load_base(self, index: int = 0):

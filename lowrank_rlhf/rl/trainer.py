@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from . import checkpoint as ckpt
-from .config import ConfigError, RecipeConfig, to_dict
-from .data import left_pad
+from .. import checkpoint as ckpt
+from ..config import ConfigError, RecipeConfig, to_dict
+from ..data import left_pad
 from .decoding import StaticDecoder
-from .memory import MicroBatchRunner
+from ..memory.estimate import MicroBatchRunner
 from .ppo import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits, gae,
                   kl_penalty, masked_mean, masked_whiten, normalize_and_clip_scores, policy_loss, token_rewards,
                   value_loss)
-from .roles import REFERENCE, RoleModel
+from ..models.roles import REFERENCE, RoleModel
 from .sampling import KeyedGumbelSampler, row_keys
 
 log = logging.getLogger(__name__)
@@ -547,7 +547,7 @@ def load_adapter_weights(model: RoleModel, source: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .roles import HEAD_FILES
+    from ..models.roles import HEAD_FILES
 
     for role in ("policy", "value"):
         path = source / role / "adapter_model.safetensors"

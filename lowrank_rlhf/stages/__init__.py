@@ -56,11 +56,11 @@ import torch
 from safetensors.torch import save_file
 from transformers.trainer_callback import ProgressCallback
 
-from .checkpoint import write_atomically
-from .config import ConfigError, RecipeConfig
-from .models import (check_llama_family, compute_dtype, keep_one_cpu_4bit_path, load_base, load_tokenizer,
+from ..checkpoint import write_atomically
+from ..config import ConfigError, RecipeConfig
+from ..models.loading import (check_llama_family, compute_dtype, keep_one_cpu_4bit_path, load_base, load_tokenizer,
                      quantization_config, resolve_device, resolve_model_path)
-from .roles import HEAD_FILES, META_FILE, RoleModel, base_fingerprint, check_base, peft_lora_config
+from ..models.roles import HEAD_FILES, META_FILE, RoleModel, base_fingerprint, check_base, peft_lora_config
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .models import keep_one_cpu_4bit_path, quantization_config
+from .loading import keep_one_cpu_4bit_path, quantization_config
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import LoraConfig, RecipeConfig
-from .memory import (BUDGET_FRACTION, AdapterSpec, MemoryBudgetError, MemoryPlan, ModelShape, estimate_generate,
+from ..config import LoraConfig, RecipeConfig
+from ..memory.estimate import (BUDGET_FRACTION, AdapterSpec, MemoryBudgetError, MemoryPlan, ModelShape, estimate_generate,
                      estimate_score, estimate_train, format_bytes, plan, weight_bytes)
-from .models import compute_dtype
-from .roles import META_FILE, REFERENCE, RoleModel
+from ..models.loading import compute_dtype
+from ..models.roles import META_FILE, REFERENCE, RoleModel
 
 # Bases beyond the policy's: the value model and the reward model.
 EXTRA_BASES = 2

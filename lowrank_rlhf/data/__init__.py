@@ -36,7 +36,7 @@ class DataError(ValueError):
     """A data problem, reported in one line that starts with the recipe key (data.sft, data.prompts, ...)."""
 
 
-BUNDLED_DIR = Path(__file__).with_name("data")
+BUNDLED_DIR = Path(__file__).parent
 BUNDLED_PREFIX = "bundled:"
 # file extension -> datasets builder; .jsonl is JSON Lines, .json is JSON Lines or one JSON list of records.
 SUPPORTED_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

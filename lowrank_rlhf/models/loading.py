@@ -12,8 +12,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from .checkpoint import write_atomically
-from .config import ConfigError, ModelConfig
+from ..checkpoint import write_atomically
+from ..config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, load_recipe
-from .models import load_base, load_tokenizer, resolve_model_path
-from .roles import RoleModel, read_run_metadata
+from .models.loading import load_base, load_tokenizer, resolve_model_path
+from .models.roles import RoleModel, read_run_metadata
 
 
 def load_run(run_dir: Path, roles=("policy", "sft")) -> RoleModel:

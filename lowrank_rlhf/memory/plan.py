@@ -11,9 +11,9 @@ import os
 
 import torch
 
-from .config import ConfigError, RecipeConfig
-from .memory import LLAMA2_13B, LLAMA2_7B, MemoryPlan, ModelShape, parse_bytes, plan
-from .models import compute_dtype, resolve_model_path
+from ..config import ConfigError, RecipeConfig
+from .estimate import LLAMA2_13B, LLAMA2_7B, MemoryPlan, ModelShape, parse_bytes, plan
+from ..models.loading import compute_dtype, resolve_model_path
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Online RL on the shared base: rollout, scoring, advantages and the update (PPO), and the run state."""
