@@ -6,7 +6,8 @@ reference). The PPO loop plans micro-batches to fit the card and recovers from o
 
 from .config import ConfigError, RecipeConfig, load_recipe
 from .memory.estimate import MemoryBudgetError, MemoryPlan, ModelShape
-from .models.loading import build_smollm2, build_tiny_llama, load_base
+from .models.builtin import build_smollm2, build_tiny_llama
+from .models.loading import load_base
 from .pipeline import build_trainer, load_roles, run_stages
 from .memory.plan import plan_recipe
 from .models.roles import BASE, REFERENCE, RoleModel

@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lowrank_rlhf.config import LoraConfig, ModelConfig  # noqa: E402
-from lowrank_rlhf.models.loading import build_tiny_llama, load_base  # noqa: E402
+from lowrank_rlhf.models.builtin import build_tiny_llama  # noqa: E402
+from lowrank_rlhf.models.loading import load_base  # noqa: E402
 
 QUANTIZATIONS = ["4bit", "8bit", "none"]
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from conftest import error_line
 from lowrank_rlhf import checkpoint as ckpt
 from lowrank_rlhf.models import loading as models
+from lowrank_rlhf.models.builtin import tiny_llama_config, tiny_tokenizer
 from lowrank_rlhf.cli import main
 from lowrank_rlhf.config import ConfigError, ModelConfig, load_recipe
 from lowrank_rlhf.pipeline import RunDirError, check_run_dir
@@ -76,7 +77,7 @@ def gpt2_dir(tmp: Path) -> str:
 
 def other_llama_dir(tmp: Path) -> str:
     """A LLaMA config with 3 layers where the run's adapters were trained on 2."""
-    config = models.tiny_llama_config(len(models.tiny_tokenizer()))
+    config = tiny_llama_config(len(tiny_tokenizer()))
     config.num_hidden_layers = 3
     return save_config(tmp / "other-llama", config)
 
