@@ -22,7 +22,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .memory.estimate import MemoryBudgetError, MicroBatchOOMError
     from .pipeline import RunDirError
     from .rewards import RewardFunctionError
-    from .models.roles import BaseMismatchError
+    from .models.run_metadata import BaseMismatchError
     from .rl.trainer import NonFiniteError
 
     return (ConfigError, DataError, RewardFunctionError, MemoryBudgetError, MicroBatchOOMError, BaseMismatchError,

@@ -9,7 +9,8 @@ import torch
 
 from .config import ConfigError, load_recipe
 from .models.loading import load_base, load_tokenizer, resolve_model_path
-from .models.roles import RoleModel, read_run_metadata
+from .models.roles import RoleModel
+from .models.run_metadata import read_run_metadata
 
 
 def load_run(run_dir: Path, roles=("policy", "sft")) -> RoleModel:

@@ -25,7 +25,8 @@ from .config import ConfigError, RecipeConfig, to_dict
 from .memory.estimate import ModelShape
 from .models.loading import check_llama_family, load_base, load_tokenizer, resolve_model_path
 from .memory.plan import enforce_budget, gradient_checkpointing, micro_batches, plan_recipe
-from .models.roles import META_FILE, RoleModel, check_base, read_run_metadata
+from .models.roles import RoleModel
+from .models.run_metadata import META_FILE, check_base, read_run_metadata
 from .rl.trainer import PPOTrainer, Rollout
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ import torch
 
 from conftest import QUANTIZATIONS, make_batch
 from lowrank_rlhf.config import LoraConfig
-from lowrank_rlhf.models.roles import REFERENCE, BaseMismatchError, RoleModel
+from lowrank_rlhf.models.roles import REFERENCE, RoleModel
+from lowrank_rlhf.models.run_metadata import BaseMismatchError
 
 
 def snapshot(model: torch.nn.Module) -> dict:

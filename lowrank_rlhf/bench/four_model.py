@@ -25,7 +25,8 @@ from ..config import LoraConfig, RecipeConfig
 from ..memory.estimate import (BUDGET_FRACTION, AdapterSpec, MemoryBudgetError, MemoryPlan, ModelShape, estimate_generate,
                      estimate_score, estimate_train, format_bytes, plan, weight_bytes)
 from ..models.loading import compute_dtype
-from ..models.roles import META_FILE, REFERENCE, RoleModel
+from ..models.roles import REFERENCE, RoleModel
+from ..models.run_metadata import META_FILE
 
 # Bases beyond the policy's: the value model and the reward model.
 EXTRA_BASES = 2

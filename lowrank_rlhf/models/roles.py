@@ -26,30 +26,14 @@ from torch import nn
 from ..config import LoraConfig
 from ..memory.estimate import MicroBatchRunner
 from ..rl.ppo import selective_log_softmax
+from .run_metadata import META_FILE, base_fingerprint, check_base, read_run_metadata
 
 log = logging.getLogger(__name__)
 
 ROLES = ("policy", "value", "reward", "sft")
 REFERENCE = "reference"  # a virtual role: sft if present, else the base with adapters disabled
 BASE = "base"  # a virtual role: the base with every adapter disabled
-META_FILE = "lowrank_rlhf.json"
 HEAD_FILES = {"value": "value_head.safetensors", "reward": "reward_head.safetensors"}
-# The architecture fields that decide whether adapters fit a base; the name alone may differ (a moved checkpoint).
-FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "vocab_size")
-
-
-class BaseMismatchError(ValueError):
-    """Adapters saved for one base were loaded onto another."""
-
-
-def base_fingerprint(config, name: str) -> dict:
-    return {"name": name, **{k: getattr(config, k, None) for k in FINGERPRINT_KEYS}}
-
-
-def _describe(fp: dict) -> str:
-    return (f"'{fp.get('name')}' ({fp.get('model_type')}, {fp.get('num_hidden_layers')} layers, "
-            f"hidden {fp.get('hidden_size')}, vocab {fp.get('vocab_size')})")
 
 
 def peft_lora_config(lora: LoraConfig) -> peft.LoraConfig:
@@ -322,18 +306,3 @@ class RoleModel(nn.Module):
                 model.heads[head].load_state_dict(load_file(str(path), device=str(model.device)))
         model._apply_trainability()
         return model
-
-
-def read_run_metadata(run_dir: Path) -> dict:
-    path = Path(run_dir) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a lowrank_rlhf run directory (no {META_FILE})")
-    return json.loads(path.read_text())
-
-
-def check_base(meta: dict, config, base_name: str, run_dir: Path) -> None:
-    saved = meta.get("base", {})
-    current = base_fingerprint(config, base_name)
-    if any(saved.get(k) != current.get(k) for k in FINGERPRINT_KEYS):
-        raise BaseMismatchError(f"adapters in {run_dir} were trained on base {_describe(saved)} but the loaded base "
-                                f"is {_describe(current)}")

@@ -60,7 +60,8 @@ from ..checkpoint import write_atomically
 from ..config import ConfigError, RecipeConfig
 from ..models.loading import (check_llama_family, compute_dtype, keep_one_cpu_4bit_path, load_base, load_tokenizer,
                      quantization_config, resolve_device, resolve_model_path)
-from ..models.roles import HEAD_FILES, META_FILE, RoleModel, base_fingerprint, check_base, peft_lora_config
+from ..models.roles import HEAD_FILES, RoleModel, peft_lora_config
+from ..models.run_metadata import META_FILE, base_fingerprint, check_base
 
 log = logging.getLogger(__name__)
 

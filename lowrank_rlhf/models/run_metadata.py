@@ -1,0 +1,41 @@
+"""What a run directory says about itself: RUN/lowrank_rlhf.json records the base the adapters were trained on (an
+architecture fingerprint), its quantization, the roles and the LoRA settings; loading adapters onto a base with a
+different fingerprint fails with a message that names both bases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+META_FILE = "lowrank_rlhf.json"
+# The architecture fields that decide whether adapters fit a base; the name alone may differ (a moved checkpoint).
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "vocab_size")
+
+
+class BaseMismatchError(ValueError):
+    """Adapters saved for one base were loaded onto another."""
+
+
+def base_fingerprint(config, name: str) -> dict:
+    return {"name": name, **{k: getattr(config, k, None) for k in FINGERPRINT_KEYS}}
+
+
+def _describe(fp: dict) -> str:
+    return (f"'{fp.get('name')}' ({fp.get('model_type')}, {fp.get('num_hidden_layers')} layers, "
+            f"hidden {fp.get('hidden_size')}, vocab {fp.get('vocab_size')})")
+
+
+def read_run_metadata(run_dir: Path) -> dict:
+    path = Path(run_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a lowrank_rlhf run directory (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def check_base(meta: dict, config, base_name: str, run_dir: Path) -> None:
+    saved = meta.get("base", {})
+    current = base_fingerprint(config, base_name)
+    if any(saved.get(k) != current.get(k) for k in FINGERPRINT_KEYS):
+        raise BaseMismatchError(f"adapters in {run_dir} were trained on base {_describe(saved)} but the loaded base "
+                                f"is {_describe(current)}")
