@@ -5,7 +5,8 @@ reference). The PPO loop plans micro-batches to fit the card and recovers from o
 """
 
 from .config import ConfigError, RecipeConfig, load_recipe
-from .memory.estimate import MemoryBudgetError, MemoryPlan, ModelShape
+from .memory.plan import MemoryBudgetError, MemoryPlan
+from .memory.shapes import ModelShape
 from .models.builtin import build_smollm2, build_tiny_llama
 from .models.loading import load_base
 from .pipeline import build_trainer, load_roles, run_stages

@@ -19,7 +19,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
-    from .memory.estimate import MemoryBudgetError, MicroBatchOOMError
+    from .memory.plan import MemoryBudgetError
+    from .memory.runner import MicroBatchOOMError
     from .pipeline import RunDirError
     from .rewards import RewardFunctionError
     from .models.run_metadata import BaseMismatchError

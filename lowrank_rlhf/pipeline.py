@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from . import data
 from . import rewards
 from .config import ConfigError, RecipeConfig, to_dict
-from .memory.estimate import ModelShape
+from .memory.shapes import ModelShape
 from .models.loading import check_llama_family, load_base, load_tokenizer, resolve_model_path
 from .memory.plan import enforce_budget, gradient_checkpointing, micro_batches, plan_recipe
 from .models.roles import RoleModel

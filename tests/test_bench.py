@@ -12,7 +12,9 @@ from transformers import LlamaConfig
 from lowrank_rlhf.bench import run as bench
 from lowrank_rlhf.config import load_recipe
 from lowrank_rlhf.bench.four_model import FourModelRoles, plan_four_model, predicted_peaks
-from lowrank_rlhf.memory.estimate import LLAMA2_7B, LLAMA2_13B, MemoryBudgetError, ModelShape, lora_params, weight_bytes
+from lowrank_rlhf.memory.estimate import weight_bytes
+from lowrank_rlhf.memory.plan import MemoryBudgetError
+from lowrank_rlhf.memory.shapes import LLAMA2_7B, LLAMA2_13B, ModelShape, lora_params
 from lowrank_rlhf.models.loading import load_base
 from lowrank_rlhf.models.random_llama import DECODER_LINEARS, build_random_llama, llama_config, model_weight_bytes
 from lowrank_rlhf.models.roles import RoleModel
@@ -219,7 +221,9 @@ def tiny_config(**kw):
                        tie_word_embeddings=False, **kw)
 
 
-def test_published_llama2_shapes_match_the_planner_presets():
+def test_random_llama2_config_round_trips_the_planner_shape():
+    """The random bases build their LlamaConfig from memory/shapes.py: reading the shape back from that config (what
+    the planner does with a real checkpoint) must give the same shape, so no field is lost on the way."""
     assert ModelShape.from_hf_config(llama_config("llama2-7b")) == LLAMA2_7B
     assert ModelShape.from_hf_config(llama_config("llama2-13b")) == LLAMA2_13B
     config = llama_config("llama2-13b")

@@ -1,4 +1,4 @@
-"""Memory estimates, the planner, token budgeting and the OOM-retry runner (CPU, pure)."""
+"""Memory estimates, the planner and the OOM-retry runner (CPU, pure)."""
 
 
 import json
@@ -10,26 +10,18 @@ from transformers import LlamaConfig
 
 from lowrank_rlhf.memory.estimate import (
     ADAPTER_PARAM_BYTES,
-    BUDGET_FRACTION,
-    LLAMA2_7B,
-    LLAMA2_13B,
     OPTIMIZER_BYTES_PER_TRAINED_PARAM,
     AdapterSpec,
-    MemoryBudgetError,
-    MemoryPlan,
-    MicroBatchOOMError,
-    MicroBatchRunner,
-    ModelShape,
     estimate_generate,
     estimate_score,
     estimate_train,
-    format_bytes,
-    lora_params,
-    parse_bytes,
-    plan,
     static_floor,
     weight_bytes,
 )
+from lowrank_rlhf.memory.plan import BUDGET_FRACTION, MemoryBudgetError, MemoryPlan, plan
+from lowrank_rlhf.memory.runner import MicroBatchOOMError, MicroBatchRunner
+from lowrank_rlhf.memory.shapes import LLAMA2_7B, LLAMA2_13B, ModelShape, lora_params, lora_targets
+from lowrank_rlhf.memory.sizes import format_bytes, parse_bytes
 
 GiB = 1024**3
 TINY = ModelShape.llama(num_layers=2, hidden_size=16, intermediate_size=40, num_heads=4, vocab_size=100,
@@ -106,6 +98,12 @@ def test_lora_params_hand_formula():
     assert lora_params(LLAMA2_13B, 16, "all-linear") == pytest.approx(63e6, rel=0.01)
     with pytest.raises(ValueError, match="unknown LoRA target"):
         lora_params(TINY, r, ["lm_head"])
+
+
+def test_lora_targets_passes_all_linear_as_the_bare_string_peft_expands():
+    assert lora_targets(["all-linear"]) == "all-linear"
+    assert lora_targets(("q_proj", "v_proj")) == ["q_proj", "v_proj"]
+    assert lora_targets(["all-linear", "q_proj"]) == ["all-linear", "q_proj"]  # not the shorthand: left to PEFT
 
 
 def test_weight_bytes_match_design_numbers():
@@ -264,6 +262,18 @@ def test_runner_catches_runtime_error_out_of_memory_and_passes_others():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         MicroBatchRunner("train", micro_batch=4).run(8, broken)
+
+
+def test_runner_halves_on_a_cpu_allocator_failure():
+    """accelerate's should_reduce_batch_size also knows the CPU allocator's message (a CPU run can halve too)."""
+    def fn(start, end):
+        if end - start > 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 123 bytes.")
+        return end - start
+
+    runner = MicroBatchRunner("score", micro_batch=4)
+    assert runner.run(6, fn) == [2, 2, 2] and runner.micro_batch == 2
 
 
 def test_runner_oom_at_micro_batch_one_is_a_clear_error():

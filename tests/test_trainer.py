@@ -167,7 +167,7 @@ def test_two_cpu_processes_end_with_identical_adapters(tmp_path):
 def test_map_rows_trims_padding_and_restores_full_width_for_any_output_shape(tmp_path):
     """Rows with short responses share trimmed micro-batches; per-token outputs of any rank come back full width
     and in the original row order (the shared critic returns [n, r, 2])."""
-    from lowrank_rlhf.memory.estimate import MicroBatchRunner
+    from lowrank_rlhf.memory.runner import MicroBatchRunner
     from lowrank_rlhf.rl.trainer import Rollout
 
     trainer = make_trainer(recipe(tmp_path))

@@ -13,7 +13,6 @@ micro-batching, OOM recovery): only the memory layout differs, which is what the
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -22,9 +21,8 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig, RecipeConfig
-from ..memory.estimate import (BUDGET_FRACTION, AdapterSpec, MemoryBudgetError, MemoryPlan, ModelShape, estimate_generate,
-                     estimate_score, estimate_train, format_bytes, plan, weight_bytes)
-from ..models.loading import compute_dtype
+from ..memory.plan import MemoryBudgetError, MemoryPlan, plan_recipe, recipe_peaks
+from ..memory.shapes import ModelShape
 from ..models.roles import REFERENCE, RoleModel
 from ..models.run_metadata import META_FILE
 
@@ -151,76 +149,22 @@ class FourModelRoles(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- memory planning
-def dtype_bytes_for(cfg: RecipeConfig) -> int:
-    """The compute dtype's size the planner assumes for a recipe (as planning.plan_recipe does)."""
-    target = torch.device("cpu") if cfg.model.device == "cpu" else torch.device("cuda")
-    return torch.finfo(compute_dtype(cfg.model.dtype, target)).bits // 8
-
-
-def adapter_spec(cfg: RecipeConfig, layout: str) -> AdapterSpec:
-    """The adapters each layout holds. ours: policy, value (trained), sft, reward (frozen), as plan_recipe assumes;
-    four-model: policy, value (trained), reward (frozen) on three bases."""
-    targets = "all-linear" if list(cfg.lora.target_modules) == ["all-linear"] else tuple(cfg.lora.target_modules)
-    n_trainable = 2 if cfg.lora.critic == "separate" else 1
-    n_frozen = 1 if layout == "four-model" else 2
-    return AdapterSpec(r=cfg.lora.r, targets=targets, n_trainable=n_trainable, n_frozen=n_frozen)
-
-
-def extra_base_bytes(shape: ModelShape, cfg: RecipeConfig, layout: str) -> int:
-    if layout != "four-model":
-        return 0
-    return EXTRA_BASES * weight_bytes(shape, cfg.model.quantization, dtype_bytes_for(cfg))
+# The four-model layout to the planner: three bases; policy and value adapters trained, the reward adapter frozen
+# (the reference is the policy's disabled adapter, not a frozen sft adapter as in ours).
+LAYOUT_PLANNING = {"ours": dict(bases=1, frozen_adapters=2),
+                   "four-model": dict(bases=1 + EXTRA_BASES, frozen_adapters=1)}
 
 
 def plan_four_model(cfg: RecipeConfig, budget_bytes: int, shape: ModelShape) -> MemoryPlan:
-    """The planner's micro-batches for the four-model layout under the same budget as ours.
-
-    The two extra bases are a constant in every phase, so planning with the budget lowered by
-    extra / BUDGET_FRACTION is exactly planning the four-model layout under the full budget."""
-    extra = extra_base_bytes(shape, cfg, "four-model")
-    lora = adapter_spec(cfg, "four-model")
-    reduced = budget_bytes - math.ceil(extra / BUDGET_FRACTION)
-    floor = extra + lora.param_bytes(shape) + lora.optimizer_bytes(shape) + weight_bytes(
-        shape, cfg.model.quantization, dtype_bytes_for(cfg))
-    if reduced <= 0:
-        raise MemoryBudgetError(f"memory budget {format_bytes(budget_bytes)} cannot hold the four-model "
-                                f"layout's static floor {format_bytes(floor)} (3 bases + adapters + optimizer)")
+    """The planner's micro-batches for the four-model layout under the same budget as ours."""
     try:
-        result = plan(shape, cfg.model.quantization, lora.r, lora.targets, lora.n_trainable,
-                      prompt_len=cfg.data.max_prompt_length, response_len=cfg.ppo.response_length,
-                      rollout_batch=cfg.ppo.rollout_batch_size, budget_bytes=reduced,
-                      dtype_bytes=dtype_bytes_for(cfg), n_frozen_adapters=lora.n_frozen,
-                      train_batch=cfg.ppo.rollout_batch_size // cfg.ppo.num_mini_batches,
-                      static_cache=cfg.ppo.decode != "generate")
-    except MemoryBudgetError:
-        raise MemoryBudgetError(f"memory budget {format_bytes(budget_bytes)} cannot hold the four-model "
-                                f"layout's static floor {format_bytes(floor)} (3 bases + adapters + "
-                                f"optimizer)") from None
-    for phase in result.phases.values():
-        phase.peak_bytes += extra
-        phase.components = {**phase.components, "other_bases": extra, "total": phase.peak_bytes}
-    result.floor_bytes += extra
-    result.budget_bytes = budget_bytes
-    result.usable_bytes = int(budget_bytes * BUDGET_FRACTION)
-    return result
+        return plan_recipe(cfg, budget_bytes, shape, **LAYOUT_PLANNING["four-model"])
+    except MemoryBudgetError as err:
+        raise MemoryBudgetError(f"the four-model layout: {err}") from None
 
 
 def predicted_peaks(cfg: RecipeConfig, shape: ModelShape, layout: str, micro_batches: dict[str, int],
                     gradient_checkpointing: bool, before_first_update: bool = False) -> dict[str, int]:
-    """The planner's estimate of each phase's peak at the micro-batches actually used, for either layout.
-
-    `before_first_update`: the measured generate and score phases ran before any optimizer step (a run without
-    warm-up), when no gradients or AdamW states exist yet; the planner counts them (they are there from step 2 on).
-    """
-    lora, q, dtype_bytes = adapter_spec(cfg, layout), cfg.model.quantization, dtype_bytes_for(cfg)
-    prompt, response = cfg.data.max_prompt_length, cfg.ppo.response_length
-    extra = extra_base_bytes(shape, cfg, layout)
-    not_yet = lora.optimizer_bytes(shape) if before_first_update else 0
-    return {
-        "generate": estimate_generate(shape, q, lora, micro_batches["generate"], prompt, response, dtype_bytes,
-                                      static_cache=cfg.ppo.decode != "generate")["total"] + extra - not_yet,
-        "score": estimate_score(shape, q, lora, micro_batches["score"], prompt, response, dtype_bytes)["total"]
-        + extra - not_yet,
-        "train": estimate_train(shape, q, lora, micro_batches["train"], prompt, response, dtype_bytes,
-                                gradient_checkpointing=gradient_checkpointing)["total"] + extra,
-    }
+    """The planner's estimate of each phase's peak at the micro-batches actually used, for either layout."""
+    return recipe_peaks(cfg, shape, micro_batches, gradient_checkpointing, before_first_update=before_first_update,
+                        **LAYOUT_PLANNING[layout])

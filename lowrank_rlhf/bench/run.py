@@ -44,7 +44,9 @@ import torch
 from ..memory import plan as planning
 from ..config import load_recipe
 from .four_model import FourModelRoles, plan_four_model, predicted_peaks
-from ..memory.estimate import BUDGET_FRACTION, MemoryBudgetError, MemoryPlan, ModelShape, format_bytes
+from ..memory.plan import BUDGET_FRACTION, MemoryBudgetError, MemoryPlan
+from ..memory.shapes import ModelShape
+from ..memory.sizes import format_bytes
 from ..models.loading import compute_dtype, load_base, resolve_device
 from ..models.random_llama import RANDOM_MODELS, build_random_llama, llama_config, model_weight_bytes
 from ..models.roles import RoleModel

@@ -1,1 +1,11 @@
-"""Memory: the pure per-phase estimate and plan, and the run-time micro-batch runner that recovers from OOM."""
+"""Memory: what a PPO step needs and how it fits the card.
+
+    shapes.py    model shapes (the published LLaMA-2 ones), LoRA targets and parameter counts
+    sizes.py     "24GiB" <-> bytes
+    estimate.py  pure per-phase peak estimates from a shape
+    plan.py      the largest micro-batch per phase under a budget, for a recipe
+    runner.py    the run-time micro-batch runner that halves a phase's micro-batch on OOM
+"""
+
+# The phases of a PPO step, in order: every plan, runner, timer and report is keyed by them.
+PHASES = ("generate", "score", "train")

@@ -1,52 +1,34 @@
-"""GPU memory: pure estimates per phase -> a plan, and the OOM-retry runner.
+"""Pure per-phase memory estimates: a model's shape, quantization and adapters -> the peak bytes of each PPO phase.
 
-Everything above ``MicroBatchRunner`` is arithmetic on a model's shape: no model is
-loaded and no GPU is needed, so a recipe can be planned (and tested) anywhere.
-docs/memory.md lists the formulas; every coefficient below says why it is what it is.
+Arithmetic only: no model is loaded and no GPU is needed, so a recipe can be planned (and tested) anywhere; plan.py
+picks the micro-batches from these estimates. docs/memory.md lists the formulas; every coefficient below says why it
+is what it is.
 
-Units: bytes everywhere. ``dtype_bytes`` is the compute dtype (2 for bf16/fp16, 4 for fp32).
+Units: bytes everywhere. ``dtype_bytes`` is the compute dtype (2 for bf16/fp16, 4 for fp32). ``bases`` is the number
+of copies of the base weights on the device: 1 for our shared base, 3 for the four-model layout the benchmark
+compares against (policy, value and reward bases).
 """
 
 from __future__ import annotations
 
-import gc
 import math
-import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
 
-import torch
+from .shapes import ALL_LINEAR, ModelShape, linear_shapes, lora_params
 
 __all__ = [
-    "ALL_LINEAR",
-    "BUDGET_FRACTION",
+    "ADAPTER_PARAM_BYTES",
     "AdapterSpec",
-    "MemoryBudgetError",
-    "MemoryPlan",
-    "MicroBatchOOMError",
-    "MicroBatchRunner",
-    "ModelShape",
-    "PhasePlan",
-    "LLAMA2_7B",
-    "LLAMA2_13B",
+    "OPTIMIZER_BYTES_PER_TRAINED_PARAM",
     "estimate_generate",
     "estimate_score",
     "estimate_train",
-    "format_bytes",
-    "linear_shapes",
-    "lora_params",
-    "parse_bytes",
-    "plan",
+    "quantization_kind",
     "static_floor",
     "weight_bytes",
 ]
 
 # --------------------------------------------------------------------------- constants
-
-# The planner fills at most this fraction of the budget: the caching allocator fragments
-# (blocks rounded to 512 B / 2 MiB segments, freed blocks that do not fit the next request),
-# and our estimates ignore small tensors (masks, position ids, rotary tables).
-BUDGET_FRACTION = 0.9
 
 # PEFT keeps LoRA weights in fp32 on a quantized base (autocast_adapter_dtype=True), so every
 # adapter, trained or frozen, costs 4 bytes per parameter.
@@ -103,9 +85,6 @@ SCORE_LOGITS_COPIES = 2
 TRAIN_LOGITS_COPIES = 3
 TRAIN_KEPT_LOGITS_COPIES = 1
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = "all-linear"
-
 _QUANT_ALIASES = {
     "4bit": "4bit", "nf4": "4bit", "4-bit": "4bit",
     "8bit": "8bit", "int8": "8bit", "8-bit": "8bit",
@@ -113,169 +92,7 @@ _QUANT_ALIASES = {
 }
 
 
-class MemoryBudgetError(ValueError):
-    """The budget cannot hold what every phase needs (weights + adapters + optimizer)."""
-
-
-class MicroBatchOOMError(RuntimeError):
-    """A phase ran out of memory at micro-batch 1: halving cannot help any more."""
-
-
-# --------------------------------------------------------------------------- byte strings
-
-_UNITS = {
-    "B": 1,
-    "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-    "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
-}
-_ALLOWED_UNITS = "B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024)"
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
-
-
-def parse_bytes(value: str | int | float) -> int:
-    """``"24GiB" -> 25769803776``; plain ints (or digit strings) are bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"cannot parse memory size {value!r}: use a number with one of {_ALLOWED_UNITS}")
-    if isinstance(value, (int, float)):
-        if value < 0 or not math.isfinite(value):
-            raise ValueError(f"memory size must be a non-negative number of bytes, got {value!r}")
-        return int(value)
-    match = _SIZE_RE.match(str(value))
-    unit = match.group(2).upper() if match else None
-    if match is None or (unit and unit not in _UNITS):
-        raise ValueError(
-            f"cannot parse memory size {value!r}: use a number with one of {_ALLOWED_UNITS}, e.g. '24GiB'"
-        )
-    return int(float(match.group(1)) * _UNITS[unit or "B"])
-
-
-def format_bytes(n: int | float, unit: str | None = None) -> str:
-    """``format_bytes(10_533_584_896) -> "9.81 GiB"``; ``unit`` forces B/KiB/MiB/GiB/TiB."""
-    steps = [("B", 1), ("KiB", 1024), ("MiB", 1024**2), ("GiB", 1024**3), ("TiB", 1024**4)]
-    if unit is None:
-        unit, scale = steps[0]
-        for name, size in steps:
-            if abs(n) >= size:
-                unit, scale = name, size
-    else:
-        scale = dict(steps)[unit]
-    if unit == "B":
-        return f"{int(n)} B"
-    return f"{n / scale:.2f} {unit}"
-
-
-# --------------------------------------------------------------------------- model shape
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a LLaMA-layout decoder that memory depends on."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    num_params: int
-    tie_word_embeddings: bool = False
-
-    @classmethod
-    def llama(
-        cls,
-        num_layers: int,
-        hidden_size: int,
-        intermediate_size: int,
-        num_heads: int,
-        vocab_size: int,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        tie_word_embeddings: bool = False,
-    ) -> "ModelShape":
-        """Build a shape and count its parameters with the LLaMA layout (no biases)."""
-        num_kv_heads = num_kv_heads or num_heads
-        head_dim = head_dim or hidden_size // num_heads
-        shape = cls(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads,
-                    head_dim, vocab_size, 0, tie_word_embeddings)
-        return cls(**{**asdict(shape), "num_params": _count_params(shape)})
-
-    @classmethod
-    def from_hf_config(cls, config: Any) -> "ModelShape":
-        """From a transformers ``PretrainedConfig`` (or a dict of its fields)."""
-        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
-            lambda k, d=None: getattr(config, k, d))
-        return cls.llama(
-            num_layers=get("num_hidden_layers"),
-            hidden_size=get("hidden_size"),
-            intermediate_size=get("intermediate_size"),
-            num_heads=get("num_attention_heads"),
-            vocab_size=get("vocab_size"),
-            num_kv_heads=get("num_key_value_heads"),
-            head_dim=get("head_dim"),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        )
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def lm_head_params(self) -> int:
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-
-    @property
-    def norm_params(self) -> int:
-        return (2 * self.num_layers + 1) * self.hidden_size  # 2 RMSNorms per layer + final
-
-    @property
-    def linear_params(self) -> int:
-        """Parameters of the decoder linears (the ones quantization and LoRA touch)."""
-        return self.num_layers * sum(i * o for i, o in linear_shapes(self).values())
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """bf16 KV cache for one token across all layers (x dtype_bytes / 2 for other dtypes)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
-
-
-def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
-    """``name -> (in_features, out_features)`` for the seven linears of one decoder layer."""
-    h, i = shape.hidden_size, shape.intermediate_size
-    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    return {
-        "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-    }
-
-
-def _count_params(shape: ModelShape) -> int:
-    return shape.embedding_params + shape.linear_params + shape.norm_params + shape.lm_head_params
-
-
-LLAMA2_7B = ModelShape.llama(32, 4096, 11008, 32, 32000)
-LLAMA2_13B = ModelShape.llama(40, 5120, 13824, 40, 32000)
-
-
 # --------------------------------------------------------------------------- adapters
-
-
-def _targets(targets: str | Iterable[str]) -> list[str]:
-    if isinstance(targets, str):
-        targets = LINEAR_NAMES if targets == ALL_LINEAR else [t.strip() for t in targets.split(",")]
-    names = list(targets)
-    unknown = [t for t in names if t not in LINEAR_NAMES]
-    if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}: use {ALL_LINEAR!r} or names from {list(LINEAR_NAMES)}")
-    return list(dict.fromkeys(names))
-
-
-def lora_params(shape: ModelShape, r: int, targets: str | Iterable[str] = ALL_LINEAR) -> int:
-    """Exact LoRA parameter count of one adapter: r*(in+out) per targeted linear per layer."""
-    if r < 0:
-        raise ValueError(f"LoRA rank must be >= 0, got {r}")
-    linears = linear_shapes(shape)
-    return shape.num_layers * sum(r * sum(linears[t]) for t in _targets(targets))
 
 
 @dataclass(frozen=True)
@@ -313,7 +130,7 @@ def _adapters(lora: AdapterSpec | None) -> AdapterSpec:
 # --------------------------------------------------------------------------- weights
 
 
-def _quant(quantization: str | None) -> str:
+def quantization_kind(quantization: str | None) -> str:
     key = "none" if quantization is None else str(quantization).lower()
     if key not in _QUANT_ALIASES:
         raise ValueError(f"unknown quantization {quantization!r}: use '4bit', '8bit' or 'none'")
@@ -329,7 +146,7 @@ def weight_bytes(shape: ModelShape, quantization: str | None, dtype_bytes: int =
     - ``"none"``: ``dtype_bytes`` per parameter.
     Embeddings, lm_head (unless tied) and norms stay in the compute dtype in every case.
     """
-    q = _quant(quantization)
+    q = quantization_kind(quantization)
     unquantized = (shape.embedding_params + shape.lm_head_params + shape.norm_params) * dtype_bytes
     if q == "none":
         return unquantized + shape.linear_params * dtype_bytes
@@ -348,7 +165,7 @@ def weight_bytes(shape: ModelShape, quantization: str | None, dtype_bytes: int =
 def _dequant_workspace(shape: ModelShape, quantization: str | None, dtype_bytes: int) -> int:
     # bitsandbytes dequantizes a whole weight to the compute dtype before a multi-token
     # matmul (and in backward); the largest linear bounds that temporary.
-    if _quant(quantization) == "none":
+    if quantization_kind(quantization) == "none":
         return 0
     return max(i * o for i, o in linear_shapes(shape).values()) * dtype_bytes
 
@@ -357,15 +174,15 @@ def _dequant_workspace(shape: ModelShape, quantization: str | None, dtype_bytes:
 
 
 def static_floor(shape: ModelShape, quantization: str | None, lora: AdapterSpec | None,
-                 dtype_bytes: int = 2) -> dict[str, int]:
+                 dtype_bytes: int = 2, bases: int = 1) -> dict[str, int]:
     """What no micro-batch size can avoid: weights + adapters (+heads) + grads/AdamW states.
 
-    ``total = weight_bytes + 4*(n_trainable+n_frozen)*P_lora + 12*n_trainable*P_lora``
+    ``total = bases*weight_bytes + 4*(n_trainable+n_frozen)*P_lora + 12*n_trainable*P_lora``
     (+ the same for the scalar heads), with ``P_lora = lora_params(shape, r, targets)``.
     """
     lora = _adapters(lora)
     parts = {
-        "weights": weight_bytes(shape, quantization, dtype_bytes),
+        "weights": bases * weight_bytes(shape, quantization, dtype_bytes),
         "adapters": lora.param_bytes(shape),
         "optimizer": lora.optimizer_bytes(shape),
     }
@@ -397,15 +214,16 @@ def _total(parts: dict[str, int]) -> dict[str, int]:
     return parts
 
 
-def _floor_parts(shape, quantization, lora, dtype_bytes) -> dict[str, int]:
-    floor = static_floor(shape, quantization, lora, dtype_bytes)
+def _floor_parts(shape, quantization, lora, dtype_bytes, bases) -> dict[str, int]:
+    floor = static_floor(shape, quantization, lora, dtype_bytes, bases)
     floor.pop("total")
     return floor
 
 
 def estimate_generate(shape: ModelShape, quantization: str | None, lora: AdapterSpec | None,
                       batch: int, prompt_len: int, response_len: int, dtype_bytes: int = 2,
-                      *, flash_attention: bool = True, static_cache: bool = False) -> dict[str, int]:
+                      *, flash_attention: bool = True, static_cache: bool = False,
+                      bases: int = 1) -> dict[str, int]:
     """Peak of sampling ``batch`` responses: the larger of the prefill and the last decode step.
 
     Prefill runs one layer at a time over the whole prompt with the cache at prompt length (a
@@ -414,7 +232,7 @@ def estimate_generate(shape: ModelShape, quantization: str | None, lora: Adapter
     plus the sampler's logits.
     """
     length = prompt_len + response_len
-    parts = _floor_parts(shape, quantization, lora, dtype_bytes)
+    parts = _floor_parts(shape, quantization, lora, dtype_bytes, bases)
     kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes
     prefill = batch * ((length if static_cache else prompt_len) * kv_per_token
                        + prompt_len * _layer_forward_elems(shape) * dtype_bytes)
@@ -434,7 +252,7 @@ def estimate_generate(shape: ModelShape, quantization: str | None, lora: Adapter
 
 def estimate_score(shape: ModelShape, quantization: str | None, lora: AdapterSpec | None,
                    micro_batch: int, prompt_len: int, response_len: int, dtype_bytes: int = 2,
-                   *, flash_attention: bool = True) -> dict[str, int]:
+                   *, flash_attention: bool = True, bases: int = 1) -> dict[str, int]:
     """Peak of one forward without grad over ``micro_batch`` full sequences (any role).
 
     Assumes the scorer runs the lm_head on the response positions only and takes a
@@ -442,7 +260,7 @@ def estimate_score(shape: ModelShape, quantization: str | None, lora: AdapterSpe
     layer has freed its activations, so the peak is the larger of the two.
     """
     length = prompt_len + response_len
-    parts = _floor_parts(shape, quantization, lora, dtype_bytes)
+    parts = _floor_parts(shape, quantization, lora, dtype_bytes, bases)
     layer = micro_batch * length * _layer_forward_elems(shape) * dtype_bytes
     if not flash_attention:
         layer += _attention_scores(shape, micro_batch, length, dtype_bytes)
@@ -455,7 +273,8 @@ def estimate_score(shape: ModelShape, quantization: str | None, lora: AdapterSpe
 
 def estimate_train(shape: ModelShape, quantization: str | None, lora: AdapterSpec | None,
                    micro_batch: int, prompt_len: int, response_len: int, dtype_bytes: int = 2,
-                   *, gradient_checkpointing: bool = True, flash_attention: bool = True) -> dict[str, int]:
+                   *, gradient_checkpointing: bool = True, flash_attention: bool = True,
+                   bases: int = 1) -> dict[str, int]:
     """Peak of one PPO forward+backward over ``micro_batch`` sequences.
 
     The trainer runs one backward per forward (policy, then value; the shared critic is one
@@ -470,7 +289,7 @@ def estimate_train(shape: ModelShape, quantization: str | None, lora: AdapterSpe
     if not flash_attention:
         layer_saved += _attention_scores(shape, micro_batch, length, dtype_bytes)
     logits_unit = micro_batch * response_len * shape.vocab_size * 4
-    parts = _floor_parts(shape, quantization, lora, dtype_bytes)
+    parts = _floor_parts(shape, quantization, lora, dtype_bytes, bases)
     if gradient_checkpointing:
         # Each layer keeps only its input hidden state; during backward one layer is
         # recomputed (its saved tensors + their gradients in flight).
@@ -489,219 +308,3 @@ def estimate_train(shape: ModelShape, quantization: str | None, lora: AdapterSpe
     parts["dequant_workspace"] = _dequant_workspace(shape, quantization, dtype_bytes)
     parts["workspace"] = WORKSPACE_BYTES
     return _total(parts)
-
-
-# --------------------------------------------------------------------------- the plan
-
-PHASES = ("generate", "score", "train")
-
-
-@dataclass
-class PhasePlan:
-    """The micro-batch chosen for one phase and its estimated peak."""
-
-    phase: str
-    micro_batch: int
-    peak_bytes: int
-    fits: bool
-    components: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class MemoryPlan:
-    """Micro-batch sizes per phase that keep every phase under ``BUDGET_FRACTION * budget``."""
-
-    phases: dict[str, PhasePlan]
-    gradient_checkpointing: bool
-    floor_bytes: int
-    budget_bytes: int
-    usable_bytes: int
-
-    @property
-    def fits(self) -> bool:
-        return all(p.fits for p in self.phases.values())
-
-    @property
-    def micro_batches(self) -> dict[str, int]:
-        return {name: p.micro_batch for name, p in self.phases.items()}
-
-    def micro_batch(self, phase: str) -> int:
-        return self.phases[phase].micro_batch
-
-    def peak_bytes(self, phase: str) -> int:
-        return self.phases[phase].peak_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "fits": self.fits,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "floor_bytes": self.floor_bytes,
-            "budget_bytes": self.budget_bytes,
-            "usable_bytes": self.usable_bytes,
-            "phases": {name: asdict(p) for name, p in self.phases.items()},
-        }
-
-    def table(self) -> str:
-        rows = [("phase", "micro-batch", "est. peak", "budget", "fits")]
-        for name, p in self.phases.items():
-            label = f"{name} (ckpt)" if name == "train" and self.gradient_checkpointing else name
-            rows.append((label, str(p.micro_batch), format_bytes(p.peak_bytes, "GiB"),
-                         format_bytes(self.usable_bytes, "GiB"), "yes" if p.fits else "NO"))
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-        lines.append(f"floor {format_bytes(self.floor_bytes, 'GiB')} (weights + adapters + optimizer); "
-                     f"budget {format_bytes(self.budget_bytes, 'GiB')} x {BUDGET_FRACTION}")
-        return "\n".join(lines)
-
-
-def _powers_of_two_down(n: int) -> list[int]:
-    top = 1 << (max(1, n).bit_length() - 1)
-    return [top >> k for k in range(top.bit_length())]
-
-
-def _largest_fitting(estimate: Callable[[int], dict[str, int]], max_batch: int, usable: int) -> PhasePlan | None:
-    for mb in _powers_of_two_down(max_batch):
-        parts = estimate(mb)
-        if parts["total"] <= usable:
-            return PhasePlan("", mb, parts["total"], True, parts)
-    return None
-
-
-def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets: str | Sequence[str],
-         n_trainable_adapters: int, prompt_len: int, response_len: int, rollout_batch: int,
-         budget_bytes: int | str, dtype_bytes: int = 2, *, n_frozen_adapters: int = 2,
-         train_batch: int | None = None, flash_attention: bool = True, static_cache: bool = False) -> MemoryPlan:
-    """Largest power-of-two micro-batch per phase that fits ``BUDGET_FRACTION * budget``.
-
-    ``train_batch`` (the PPO minibatch; default ``rollout_batch``) caps the train micro-batch.
-    Gradient checkpointing stays off if training fits at micro-batch >= min(4, train_batch)
-    without it. A phase that does not fit even at micro-batch 1 is planned at 1 with
-    ``fits=False``. Raises ``MemoryBudgetError`` when the budget is below the static floor.
-    """
-    if rollout_batch < 1 or prompt_len < 0 or response_len < 1:
-        raise ValueError("rollout_batch and response_len must be >= 1 and prompt_len >= 0")
-    budget = parse_bytes(budget_bytes)
-    lora = AdapterSpec(r=lora_r, targets=tuple(_targets(lora_targets)), n_trainable=n_trainable_adapters,
-                       n_frozen=n_frozen_adapters)
-    floor = static_floor(shape, quantization, lora, dtype_bytes)["total"]
-    if budget < floor:
-        unit = "GiB" if floor >= 1024**3 else None  # a tiny model's floor is not "0.00 GiB"
-        smaller = "" if _quant(quantization) == "4bit" else "4-bit quantization, "
-        raise MemoryBudgetError(
-            f"memory budget {format_bytes(budget, unit)} is below the static floor "
-            f"{format_bytes(floor, unit)} (weights + adapters + optimizer); use {smaller}a smaller LoRA rank or "
-            f"fewer targets, or a larger budget"
-        )
-    usable = int(budget * BUDGET_FRACTION)
-    train_batch = rollout_batch if train_batch is None else train_batch
-    common = dict(dtype_bytes=dtype_bytes, flash_attention=flash_attention)
-
-    def phase(name: str, estimate: Callable[[int], dict[str, int]], max_batch: int) -> PhasePlan:
-        found = _largest_fitting(estimate, max_batch, usable)
-        if found is None:
-            parts = estimate(1)
-            found = PhasePlan(name, 1, parts["total"], False, parts)
-        found.phase = name
-        return found
-
-    def train_estimate(ckpt: bool) -> Callable[[int], dict[str, int]]:
-        return lambda mb: estimate_train(shape, quantization, lora, mb, prompt_len, response_len,
-                                         gradient_checkpointing=ckpt, **common)
-
-    phases = {
-        "generate": phase("generate", lambda mb: estimate_generate(
-            shape, quantization, lora, mb, prompt_len, response_len, static_cache=static_cache, **common),
-            rollout_batch),
-        "score": phase("score", lambda mb: estimate_score(
-            shape, quantization, lora, mb, prompt_len, response_len, **common), rollout_batch),
-    }
-    train = phase("train", train_estimate(False), train_batch)
-    checkpointing = not (train.fits and train.micro_batch >= min(4, train_batch))
-    if checkpointing:
-        train = phase("train", train_estimate(True), train_batch)
-    phases["train"] = train
-    return MemoryPlan(phases, checkpointing, floor, budget, usable)
-
-
-# --------------------------------------------------------------------------- OOM-retry runner
-
-_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
-    t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
-    if t is not None
-)
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, _OOM_TYPES) or (isinstance(err, RuntimeError) and "out of memory" in str(err))
-
-
-class MicroBatchRunner:
-    """Runs ``fn(start, end)`` over ``[0, n_items)`` in micro-batches, halving on OOM.
-
-    On an out-of-memory error the runner leaves the ``except`` block (the traceback pins the
-    failed step's tensors), runs ``gc.collect()`` and ``torch.cuda.empty_cache()``, halves
-    ``micro_batch`` and redoes the same items from ``start``. The halved size is kept for the
-    rest of this runner's life.
-
-    Contract for ``fn``: it must not mutate state (gradients, optimizer, buffers, RNG
-    consumers whose results are kept) until it returns, because a failed call is simply
-    redone. Then on success ``fn`` has been called exactly once per item. Callers that
-    accumulate gradients scale each micro-batch loss by ``(end - start) / n_items``, so the
-    accumulated gradient is the same weighted mean whatever the micro-batch size; a backward
-    that can OOM halfway should write into a snapshot-able place (e.g. ``torch.autograd.grad``
-    then add into ``.grad`` on success).
-
-    ``inject_oom_above`` is a test hook: slices larger than it raise ``torch.OutOfMemoryError``
-    before ``fn`` is called, so recovery can be exercised on CPU.
-    """
-
-    def __init__(self, phase: str, micro_batch: int, inject_oom_above: int | None = None):
-        if micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-        self.phase = phase
-        self.micro_batch = int(micro_batch)
-        self.inject_oom_above = inject_oom_above
-        self.oom_events: list[dict[str, Any]] = []
-        self.calls = 0  # run() calls so far: an OOM event records which call and item it struck
-
-    def _call(self, fn: Callable[[int, int], Any], start: int, end: int) -> Any:
-        if self.inject_oom_above is not None and end - start > self.inject_oom_above:
-            raise _OOM_TYPES[0](
-                f"CUDA out of memory (injected: {end - start} > {self.inject_oom_above} items in phase {self.phase!r})")
-        return fn(start, end)
-
-    def run(self, n_items: int, fn: Callable[[int, int], Any]) -> list[Any]:
-        results: list[Any] = []
-        start = 0
-        self.calls += 1
-        while start < n_items:
-            end = min(start + self.micro_batch, n_items)
-            failed = False
-            try:
-                result = self._call(fn, start, end)
-            except RuntimeError as err:  # torch.OutOfMemoryError subclasses RuntimeError
-                if not _is_oom(err):
-                    raise
-                failed = True  # only a flag leaves this block: `err` and its frames die here
-            if failed:
-                self._recover(start, end)
-                continue
-            results.append(result)
-            start = end
-        return results
-
-    def _recover(self, start: int, end: int) -> None:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        size = min(self.micro_batch, end - start)  # the slice that failed (the last may be short)
-        if size == 1:
-            raise MicroBatchOOMError(
-                f"phase {self.phase!r} ran out of memory at micro-batch 1 (items [{start}, {end})); "
-                f"shorten the sequences, enable gradient checkpointing or 4-bit quantization, or free GPU memory"
-            )
-        new = size // 2
-        # `call` and `start` tell whether the micro-batches run before the OOM had another size than those after it
-        self.oom_events.append({"phase": self.phase, "from": self.micro_batch, "to": new, "call": self.calls,
-                                "start": start})
-        self.micro_batch = new

@@ -1,29 +1,169 @@
-"""From a recipe to a memory plan: the model's shape, the budget, and the micro-batch sizes the PPO loop uses.
+"""The plan: the largest micro-batch per phase that keeps every phase of a PPO step under the memory budget.
 
-The plan needs only the model's config (no weights), so `lowrank-rlhf plan` runs anywhere, also offline for the
-published LLaMA shapes.
+`plan` works from a model's shape alone (estimate.py); `plan_recipe` reads the shape, budget and sizes from a recipe,
+so `lowrank-rlhf plan` runs anywhere, also offline for the published LLaMA shapes. The benchmark plans its four-model
+baseline through the same `plan_recipe` (`bases=3`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 
+from . import PHASES
 from ..config import ConfigError, RecipeConfig
-from .estimate import LLAMA2_13B, LLAMA2_7B, MemoryPlan, ModelShape, parse_bytes, plan
 from ..models.loading import compute_dtype, resolve_model_path
+from .estimate import AdapterSpec, estimate_generate, estimate_score, estimate_train, quantization_kind, static_floor
+from .shapes import KNOWN_SHAPES, ModelShape, lora_targets, resolve_targets
+from .sizes import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
 
-# Published shapes, so recipes for gated hub models plan without a download. LLaMA-1 7B/13B share LLaMA-2's.
-KNOWN_SHAPES = {
-    "meta-llama/Llama-2-7b-hf": LLAMA2_7B, "meta-llama/Llama-2-7b-chat-hf": LLAMA2_7B,
-    "huggyllama/llama-7b": LLAMA2_7B, "llama2-7b": LLAMA2_7B,
-    "meta-llama/Llama-2-13b-hf": LLAMA2_13B, "meta-llama/Llama-2-13b-chat-hf": LLAMA2_13B,
-    "huggyllama/llama-13b": LLAMA2_13B, "llama2-13b": LLAMA2_13B,
-}
+# The planner fills at most this fraction of the budget: the caching allocator fragments
+# (blocks rounded to 512 B / 2 MiB segments, freed blocks that do not fit the next request),
+# and our estimates ignore small tensors (masks, position ids, rotary tables).
+BUDGET_FRACTION = 0.9
+
+
+class MemoryBudgetError(ValueError):
+    """The budget cannot hold what every phase needs (weights + adapters + optimizer)."""
+
+
+@dataclass
+class PhasePlan:
+    """The micro-batch chosen for one phase and its estimated peak."""
+
+    phase: str
+    micro_batch: int
+    peak_bytes: int
+    fits: bool
+    components: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class MemoryPlan:
+    """Micro-batch sizes per phase that keep every phase under ``BUDGET_FRACTION * budget``."""
+
+    phases: dict[str, PhasePlan]
+    gradient_checkpointing: bool
+    floor_bytes: int
+    budget_bytes: int
+    usable_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.phases.values())
+
+    @property
+    def micro_batches(self) -> dict[str, int]:
+        return {name: p.micro_batch for name, p in self.phases.items()}
+
+    def micro_batch(self, phase: str) -> int:
+        return self.phases[phase].micro_batch
+
+    def peak_bytes(self, phase: str) -> int:
+        return self.phases[phase].peak_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fits": self.fits,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "floor_bytes": self.floor_bytes,
+            "budget_bytes": self.budget_bytes,
+            "usable_bytes": self.usable_bytes,
+            "phases": {name: asdict(p) for name, p in self.phases.items()},
+        }
+
+    def table(self) -> str:
+        rows = [("phase", "micro-batch", "est. peak", "budget", "fits")]
+        for name, p in self.phases.items():
+            label = f"{name} (ckpt)" if name == "train" and self.gradient_checkpointing else name
+            rows.append((label, str(p.micro_batch), format_bytes(p.peak_bytes, "GiB"),
+                         format_bytes(self.usable_bytes, "GiB"), "yes" if p.fits else "NO"))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        lines.append(f"floor {format_bytes(self.floor_bytes, 'GiB')} (weights + adapters + optimizer); "
+                     f"budget {format_bytes(self.budget_bytes, 'GiB')} x {BUDGET_FRACTION}")
+        return "\n".join(lines)
+
+
+def _powers_of_two_down(n: int) -> list[int]:
+    top = 1 << (max(1, n).bit_length() - 1)
+    return [top >> k for k in range(top.bit_length())]
+
+
+def _largest_fitting(estimate: Callable[[int], dict[str, int]], max_batch: int, usable: int) -> PhasePlan | None:
+    for mb in _powers_of_two_down(max_batch):
+        parts = estimate(mb)
+        if parts["total"] <= usable:
+            return PhasePlan("", mb, parts["total"], True, parts)
+    return None
+
+
+def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets: str | Sequence[str],
+         n_trainable_adapters: int, prompt_len: int, response_len: int, rollout_batch: int,
+         budget_bytes: int | str, dtype_bytes: int = 2, *, n_frozen_adapters: int = 2,
+         train_batch: int | None = None, flash_attention: bool = True, static_cache: bool = False,
+         bases: int = 1) -> MemoryPlan:
+    """Largest power-of-two micro-batch per phase that fits ``BUDGET_FRACTION * budget``.
+
+    ``train_batch`` (the PPO minibatch; default ``rollout_batch``) caps the train micro-batch.
+    Gradient checkpointing stays off if training fits at micro-batch >= min(4, train_batch)
+    without it. A phase that does not fit even at micro-batch 1 is planned at 1 with
+    ``fits=False``. Raises ``MemoryBudgetError`` when the budget is below the static floor. ``bases``: copies of
+    the base weights on the device (3 for the four-model layout the benchmark compares against).
+    """
+    if rollout_batch < 1 or prompt_len < 0 or response_len < 1:
+        raise ValueError("rollout_batch and response_len must be >= 1 and prompt_len >= 0")
+    budget = parse_bytes(budget_bytes)
+    lora = AdapterSpec(r=lora_r, targets=tuple(resolve_targets(lora_targets)), n_trainable=n_trainable_adapters,
+                       n_frozen=n_frozen_adapters)
+    floor = static_floor(shape, quantization, lora, dtype_bytes, bases)["total"]
+    if budget < floor:
+        unit = "GiB" if floor >= 1024**3 else None  # a tiny model's floor is not "0.00 GiB"
+        weights = "weights" if bases == 1 else f"{bases} bases"
+        smaller = "" if quantization_kind(quantization) == "4bit" else "4-bit quantization, "
+        raise MemoryBudgetError(
+            f"memory budget {format_bytes(budget, unit)} is below the static floor "
+            f"{format_bytes(floor, unit)} ({weights} + adapters + optimizer); use {smaller}a smaller LoRA rank or "
+            f"fewer targets, or a larger budget"
+        )
+    usable = int(budget * BUDGET_FRACTION)
+    train_batch = rollout_batch if train_batch is None else train_batch
+    common = dict(dtype_bytes=dtype_bytes, flash_attention=flash_attention, bases=bases)
+
+    def phase(name: str, estimate: Callable[[int], dict[str, int]], max_batch: int) -> PhasePlan:
+        found = _largest_fitting(estimate, max_batch, usable)
+        if found is None:
+            parts = estimate(1)
+            found = PhasePlan(name, 1, parts["total"], False, parts)
+        found.phase = name
+        return found
+
+    def train_estimate(ckpt: bool) -> Callable[[int], dict[str, int]]:
+        return lambda mb: estimate_train(shape, quantization, lora, mb, prompt_len, response_len,
+                                         gradient_checkpointing=ckpt, **common)
+
+    phases = {
+        "generate": phase("generate", lambda mb: estimate_generate(
+            shape, quantization, lora, mb, prompt_len, response_len, static_cache=static_cache, **common),
+            rollout_batch),
+        "score": phase("score", lambda mb: estimate_score(
+            shape, quantization, lora, mb, prompt_len, response_len, **common), rollout_batch),
+    }
+    train = phase("train", train_estimate(False), train_batch)
+    checkpointing = not (train.fits and train.micro_batch >= min(4, train_batch))
+    if checkpointing:
+        train = phase("train", train_estimate(True), train_batch)
+    phases["train"] = train
+    return MemoryPlan(phases, checkpointing, floor, budget, usable)
+
+
+# --------------------------------------------------------------------------- a recipe's plan
 
 
 def model_shape(name: str, trust_remote_code: bool = False) -> ModelShape:
@@ -69,30 +209,68 @@ def enforce_budget(budget: int, device: torch.device) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
 
 
-def plan_recipe(cfg: RecipeConfig, budget: str | int | None = None, shape: ModelShape | None = None) -> MemoryPlan:
-    """The per-phase plan for a recipe's PPO stage (the most demanding stage) under its budget."""
+def recipe_dtype_bytes(cfg: RecipeConfig) -> int:
+    """The compute dtype's size. A recipe not pinned to the CPU is planned for the GPU it targets (bf16), even when
+    planned on a laptop."""
+    target = torch.device("cpu") if cfg.model.device == "cpu" else torch.device("cuda")
+    return torch.finfo(compute_dtype(cfg.model.dtype, target)).bits // 8
+
+
+def recipe_adapters(cfg: RecipeConfig, frozen_adapters: int = 2) -> AdapterSpec:
+    """The adapters of a recipe's PPO stage: policy and (with a separate critic) value trained; by default sft (the
+    reference) and reward frozen."""
+    n_trainable = 2 if cfg.lora.critic == "separate" else 1
+    targets = lora_targets(cfg.lora.target_modules)
+    return AdapterSpec(r=cfg.lora.r, targets=targets if isinstance(targets, str) else tuple(targets),
+                       n_trainable=n_trainable, n_frozen=frozen_adapters)
+
+
+def plan_recipe(cfg: RecipeConfig, budget: str | int | None = None, shape: ModelShape | None = None, *,
+                bases: int = 1, frozen_adapters: int = 2) -> MemoryPlan:
+    """The per-phase plan for a recipe's PPO stage (the most demanding stage) under its budget.
+
+    `bases` and `frozen_adapters` describe another layout of the same roles (the benchmark's four-model baseline:
+    3 bases, only the reward adapter frozen)."""
     shape = shape or model_shape(cfg.model.name, cfg.model.trust_remote_code)
     here = torch.device("cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu")
     budget_bytes = budget if isinstance(budget, int) else resolve_budget(budget or cfg.memory.budget, here)
-    # A recipe not pinned to the CPU is planned for the GPU it targets (bf16), even when planned on a laptop.
-    target = torch.device("cpu") if cfg.model.device == "cpu" else torch.device("cuda")
-    dtype_bytes = torch.finfo(compute_dtype(cfg.model.dtype, target)).bits // 8
-    n_trainable = 2 if cfg.lora.critic == "separate" else 1
-    targets = "all-linear" if list(cfg.lora.target_modules) == ["all-linear"] else list(cfg.lora.target_modules)
-    return plan(shape, cfg.model.quantization, cfg.lora.r, targets, n_trainable,
+    lora = recipe_adapters(cfg, frozen_adapters)
+    return plan(shape, cfg.model.quantization, lora.r, lora.targets, lora.n_trainable,
                 prompt_len=cfg.data.max_prompt_length, response_len=cfg.ppo.response_length,
-                rollout_batch=cfg.ppo.rollout_batch_size, budget_bytes=budget_bytes, dtype_bytes=dtype_bytes,
+                rollout_batch=cfg.ppo.rollout_batch_size, budget_bytes=budget_bytes,
+                dtype_bytes=recipe_dtype_bytes(cfg), n_frozen_adapters=lora.n_frozen,
                 train_batch=cfg.ppo.rollout_batch_size // cfg.ppo.num_mini_batches,
-                static_cache=cfg.ppo.decode != "generate")
+                static_cache=cfg.ppo.decode != "generate", bases=bases)
+
+
+def recipe_peaks(cfg: RecipeConfig, shape: ModelShape, micro_batches: dict[str, int], gradient_checkpointing: bool,
+                 *, bases: int = 1, frozen_adapters: int = 2, before_first_update: bool = False) -> dict[str, int]:
+    """The estimated peak of each phase at the micro-batches actually used (the benchmark compares them with the
+    measured peaks).
+
+    `before_first_update`: the measured generate and score phases ran before any optimizer step (a run without
+    warm-up), when no gradients or AdamW states exist yet; the planner counts them (they are there from step 2 on).
+    """
+    lora, q, dtype_bytes = recipe_adapters(cfg, frozen_adapters), cfg.model.quantization, recipe_dtype_bytes(cfg)
+    prompt, response = cfg.data.max_prompt_length, cfg.ppo.response_length
+    not_yet = lora.optimizer_bytes(shape) if before_first_update else 0
+    common = dict(dtype_bytes=dtype_bytes, bases=bases)
+    return {
+        "generate": estimate_generate(shape, q, lora, micro_batches["generate"], prompt, response,
+                                      static_cache=cfg.ppo.decode != "generate", **common)["total"] - not_yet,
+        "score": estimate_score(shape, q, lora, micro_batches["score"], prompt, response, **common)["total"]
+        - not_yet,
+        "train": estimate_train(shape, q, lora, micro_batches["train"], prompt, response,
+                                gradient_checkpointing=gradient_checkpointing, **common)["total"],
+    }
 
 
 def micro_batches(cfg: RecipeConfig, memory_plan: MemoryPlan | None) -> dict[str, int]:
     """The planner's micro-batches, with any fixed `memory.micro_batch` entries taking precedence."""
     chosen = dict(memory_plan.micro_batches) if memory_plan else {}
-    unknown = set(cfg.memory.micro_batch) - {"generate", "score", "train"}
+    unknown = set(cfg.memory.micro_batch) - set(PHASES)
     if unknown:
-        raise ConfigError(f"memory.micro_batch: unknown phase {sorted(unknown)[0]!r}; allowed: generate, score, "
-                          f"train")
+        raise ConfigError(f"memory.micro_batch: unknown phase {sorted(unknown)[0]!r}; allowed: {', '.join(PHASES)}")
     chosen.update({k: int(v) for k, v in cfg.memory.micro_batch.items()})
     return chosen
 

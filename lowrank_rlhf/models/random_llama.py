@@ -20,22 +20,18 @@ import torch
 from torch import nn
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..memory.shapes import KNOWN_SHAPES
 from .loading import keep_one_cpu_4bit_path, quantization_config
 
 log = logging.getLogger(__name__)
 
-# The published configs of meta-llama/Llama-2-7b-hf and meta-llama/Llama-2-13b-hf (config.json), field by field.
+# The published configs of meta-llama/Llama-2-7b-hf and meta-llama/Llama-2-13b-hf (config.json): the shapes come from
+# memory/shapes.py (the one place for model shapes), the fields below are the rest of config.json.
 # They set no pad token; the tokenizer below pads with id 0 (<unk>), as LLaMA-2 fine-tuning recipes do.
-LLAMA2_CONFIGS = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40),
-}
-_LLAMA2_COMMON = dict(vocab_size=32000, max_position_embeddings=4096, hidden_act="silu", rms_norm_eps=1e-5,
+RANDOM_MODELS = ("llama2-7b", "llama2-13b")
+_LLAMA2_COMMON = dict(max_position_embeddings=4096, hidden_act="silu", rms_norm_eps=1e-5,
                       initializer_range=0.02, bos_token_id=1, eos_token_id=2, pretraining_tp=1, rope_theta=10000.0,
-                      tie_word_embeddings=False, use_cache=True, attention_bias=False, mlp_bias=False)
-RANDOM_MODELS = tuple(LLAMA2_CONFIGS)
+                      use_cache=True, attention_bias=False, mlp_bias=False)
 
 # The seven linears of a LLaMA decoder layer, as (submodule, attribute): the ones quantization and LoRA touch.
 DECODER_LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
@@ -46,10 +42,10 @@ def llama_config(shape_or_name: str | LlamaConfig) -> LlamaConfig:
     """'llama2-7b' / 'llama2-13b' -> the published LlamaConfig; a LlamaConfig is returned as is."""
     if isinstance(shape_or_name, LlamaConfig):
         return shape_or_name
-    if shape_or_name not in LLAMA2_CONFIGS:
+    if shape_or_name not in RANDOM_MODELS:
         raise ValueError(f"unknown random model {shape_or_name!r}; allowed: {', '.join(RANDOM_MODELS)} or a "
                          f"LlamaConfig")
-    config = LlamaConfig(**LLAMA2_CONFIGS[shape_or_name], **_LLAMA2_COMMON)
+    config = LlamaConfig(**KNOWN_SHAPES[shape_or_name].hf_config_fields(), **_LLAMA2_COMMON)
     config.name_or_path = f"random-{shape_or_name}"
     return config
 

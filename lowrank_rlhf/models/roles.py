@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import LoraConfig
-from ..memory.estimate import MicroBatchRunner
+from ..memory.runner import MicroBatchRunner
+from ..memory.shapes import lora_targets
 from ..rl.ppo import selective_log_softmax
 from .run_metadata import META_FILE, base_fingerprint, check_base, read_run_metadata
 
@@ -38,7 +39,7 @@ HEAD_FILES = {"value": "value_head.safetensors", "reward": "reward_head.safetens
 
 def peft_lora_config(lora: LoraConfig) -> peft.LoraConfig:
     targets = lora.target_modules
-    target = "all-linear" if list(targets) == ["all-linear"] else list(targets)
+    target = lora_targets(targets)
     return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
                            bias="none", task_type="CAUSAL_LM")
 

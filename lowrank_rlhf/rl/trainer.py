@@ -26,7 +26,7 @@ from .. import checkpoint as ckpt
 from ..config import ConfigError, RecipeConfig, to_dict
 from ..data import left_pad
 from .decoding import StaticDecoder
-from ..memory.estimate import MicroBatchRunner
+from ..memory.runner import MicroBatchRunner
 from .ppo import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits, gae,
                   kl_penalty, masked_mean, masked_whiten, normalize_and_clip_scores, policy_loss, token_rewards,
                   value_loss)
