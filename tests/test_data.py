@@ -85,7 +85,7 @@ def test_hub_id_goes_to_load_dataset(monkeypatch):
             raise FileNotFoundError("Dataset 'owner/missing' doesn't exist on the Hub\nmore detail")
         return datasets.Dataset.from_list(ROWS)
 
-    monkeypatch.setattr(D.datasets, "load_dataset", fake)
+    monkeypatch.setattr(datasets, "load_dataset", fake)  # tables.py calls datasets.load_dataset
     assert len(load_table("owner/dataset", ["prompt"], "data.prompts")) == 3
     assert calls == [("owner/dataset", "train")]
     with pytest.raises(DataError) as err:
@@ -287,6 +287,8 @@ def test_left_pad_shapes_and_mask():
     assert input_ids.dtype == mask.dtype == torch.long
     assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    empty_ids, empty_mask = left_pad([], pad_id=0)
+    assert empty_ids.shape == empty_mask.shape == (0, 0)
 
 
 # --------------------------------------------------------------------------------------------------------- answers
@@ -302,6 +304,18 @@ def test_normalize_answer(text, expected):
 def test_completion_text():
     assert completion_text("a") == "a"
     assert completion_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == "a"
+    assert completion_text([{"role": "user", "content": "q"}]) == "q"  # no assistant turn: all contents
+    assert completion_text({"role": "assistant", "content": "a"}) == "a"
+    with pytest.raises(DataError, match="got int"):
+        completion_text(42)
+
+
+def test_split_messages_before_the_last_assistant_turn():
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    assert D.split_messages(turns) == (turns[:3], turns[3:])
+    with pytest.raises(DataError, match="no assistant message"):
+        D.split_messages(turns[:1])
 
 
 def test_holdout_split():

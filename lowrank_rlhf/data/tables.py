@@ -1,0 +1,171 @@
+"""Loading and validating the tables every stage reads, as Hugging Face `datasets.Dataset`s in TRL's column
+conventions:
+
+- SFT (`data.sft`): `messages`, or `prompt` + `completion`, or `text`;
+- preference pairs (`data.preferences`): `chosen` + `rejected`, `prompt` optional;
+- PPO prompts (`data.prompts`, `data.eval_prompts`): `prompt`, plus any extra columns (e.g. `label`), which reach
+  the Python reward functions as keyword arguments.
+
+A source is a local file, a directory written by `save_to_disk`, `bundled:NAME` or a hub id. Every problem is a
+`DataError` whose one-line message starts with the recipe key (e.g. `data.sft: ...`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+
+from .errors import DataError
+
+BUNDLED_DIR = Path(__file__).parent
+BUNDLED_PREFIX = "bundled:"
+# file extension -> datasets builder; .jsonl is JSON Lines, .json is JSON Lines or one JSON list of records.
+SUPPORTED_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# The accepted SFT column layouts, in TRL's names (conversational or plain text).
+SFT_LAYOUTS: tuple[tuple[str, ...], ...] = (("messages",), ("prompt", "completion"), ("text",))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def bundled_names() -> list[str]:
+    """Names usable as `bundled:NAME`: the .jsonl/.json files shipped in lowrank_rlhf/data."""
+    return sorted(p.stem for p in BUNDLED_DIR.iterdir() if p.suffix in (".jsonl", ".json"))
+
+
+def _bundled_path(source: str, name: str) -> Path:
+    stem = source[len(BUNDLED_PREFIX):]
+    for suffix in (".jsonl", ".json"):
+        path = BUNDLED_DIR / f"{stem}{suffix}"
+        if stem and "/" not in stem and path.is_file():
+            return path
+    raise DataError(f"{name}: unknown bundled dataset {source!r}; bundled datasets: "
+                    f"{', '.join(BUNDLED_PREFIX + n for n in bundled_names())}")
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub id: starts with / . ~, has a file extension, or has more than one '/'.
+    Hub ids look like `name` or `owner/name`."""
+    return source.startswith(("/", ".", "~", "\\")) or Path(source).suffix != "" or source.count("/") > 1
+
+
+def _has_no_rows(path: Path, ext: str) -> bool:
+    """Empty files make the `datasets` builders fail with unhelpful errors; recognise them before loading."""
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except Exception:  # not a valid parquet file: let the loader report it
+            return False
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if ext == ".csv":
+        return len(lines) <= 1  # a header alone has no rows
+    return not lines or "".join(lines).replace(" ", "") in ("[]", "{}")
+
+
+def _load_file(path: Path, name: str) -> datasets.Dataset:
+    ext = path.suffix.lower()
+    if ext not in SUPPORTED_EXTENSIONS:
+        raise DataError(f"{name}: unsupported file type {ext or '(none)'!r} for {path}; supported: "
+                        f"{', '.join(SUPPORTED_EXTENSIONS)}, a directory saved with save_to_disk, a hub id or "
+                        f"bundled:NAME")
+    if _has_no_rows(path, ext):
+        raise DataError(f"{name}: {path} has no rows")
+    try:
+        return datasets.load_dataset(SUPPORTED_EXTENSIONS[ext], data_files=str(path), split="train")
+    except Exception as err:
+        raise DataError(f"{name}: could not read {path} as {ext[1:]} ({_first_line(err)})") from err
+
+
+def _load_dir(path: Path, name: str) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:
+        state = path / "state.json"  # a saved empty Dataset has no shards and fails to load
+        if state.is_file() and not json.loads(state.read_text()).get("_data_files", [None]):
+            raise DataError(f"{name}: {path} has no rows") from None
+        raise DataError(f"{name}: {path} is a directory but not a dataset saved with save_to_disk "
+                        f"({_first_line(err)})") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"{name}: {path} holds no 'train' split; splits found: {', '.join(loaded)}")
+        loaded = loaded["train"]
+    return loaded
+
+
+def _load_hub(source: str, name: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(source, split="train")
+    except Exception as err:
+        raise DataError(f"{name}: could not load {source!r} as a hub dataset ({_first_line(err)}); a local file "
+                        f"needs one of {', '.join(SUPPORTED_EXTENSIONS)}") from err
+
+
+def load_table(source: str, required: Sequence[str], name: str, max_samples: int = 0) -> datasets.Dataset:
+    """Load one table and check that it has rows and the `required` columns.
+
+    source: a local .json/.jsonl/.csv/.parquet file, a directory written by `save_to_disk` (a DatasetDict gives its
+    "train" split), `bundled:NAME` (a file in lowrank_rlhf/data), or else a hub id (`load_dataset(source,
+    split="train")`). name: the recipe key used in error messages. max_samples > 0 keeps the first rows only.
+    """
+    source = str(source).strip()
+    if not source:
+        raise DataError(f"{name}: no dataset given; expected a file, a saved dataset dir, a hub id or bundled:NAME")
+    label = source
+    if source.startswith(BUNDLED_PREFIX):
+        ds = _load_file(_bundled_path(source, name), name)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            ds = _load_dir(path, name)
+        elif path.is_file():
+            ds = _load_file(path, name)
+        elif _looks_local(source):
+            raise DataError(f"{name}: file not found: {source}")
+        else:
+            ds = _load_hub(source, name)
+    if len(ds) == 0:
+        raise DataError(f"{name}: {label} has no rows")
+    missing = [col for col in required if col not in ds.column_names]
+    if missing:
+        raise DataError(f"{name}: missing column {missing[0]!r} in {label}; columns found: "
+                        f"{', '.join(ds.column_names)}")
+    if max_samples and max_samples > 0 and len(ds) > max_samples:
+        ds = ds.select(range(max_samples))
+    return ds
+
+
+def load_sft(source: str, max_samples: int = 0, name: str = "data.sft") -> datasets.Dataset:
+    """SFT data in one of TRL's layouts: messages | prompt + completion | text."""
+    ds = load_table(source, [], name, max_samples)
+    if not any(all(col in ds.column_names for col in layout) for layout in SFT_LAYOUTS):
+        layouts = " | ".join(" + ".join(layout) for layout in SFT_LAYOUTS)
+        raise DataError(f"{name}: missing columns in {source}; expected one of: {layouts}; columns found: "
+                        f"{', '.join(ds.column_names)}")
+    return ds
+
+
+def load_preferences(source: str, max_samples: int = 0, name: str = "data.preferences") -> datasets.Dataset:
+    """Preference pairs: chosen + rejected (prompt optional, as in TRL's RewardTrainer)."""
+    return load_table(source, ["chosen", "rejected"], name, max_samples)
+
+
+def load_prompts(source: str, max_samples: int = 0, name: str = "data.prompts") -> datasets.Dataset:
+    """PPO prompts: a prompt column (text or messages); other columns are passed to reward functions."""
+    return load_table(source, ["prompt"], name, max_samples)
+
+
+def holdout_split(ds: datasets.Dataset, fraction: float, seed: int = 0
+                  ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Split off `fraction` of the rows (at least one, leaving at least one) for evaluation; 0 = no split."""
+    if fraction <= 0 or len(ds) < 2:
+        return ds, None
+    n_eval = min(max(1, round(len(ds) * fraction)), len(ds) - 1)
+    parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
