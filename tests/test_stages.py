@@ -14,7 +14,7 @@ from conftest import make_batch
 from lowrank_rlhf import data, stages
 from lowrank_rlhf.config import LoraConfig, ModelConfig, RecipeConfig
 from lowrank_rlhf.models.loading import load_base, load_tokenizer
-from lowrank_rlhf.models.roles import REFERENCE, RoleModel
+from lowrank_rlhf.models.roles import REFERENCE, RoleModel, last_token_index
 
 ALL_ROLES = ("policy", "value", "reward", "sft")
 RAMBLE = "well, it is hard to say, there are many sides to this and I would rather not commit"
@@ -76,15 +76,17 @@ def test_examples_are_encoded_as_a_ppo_rollout_lays_them_out(tiny_path):
     """Prompt ids exactly as PPO encodes its prompts, then the answer, ending with eos and nothing after it."""
     tok = load_tokenizer(str(tiny_path))
     user, answer = [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yes"}]
-    assert stages.render_example(tok, user, answer) == "user: hi</s>\nassistant: yes</s>"
-    assert stages.render_example(tok, "", user + answer) == "user: hi</s>\nassistant: yes</s>"  # implicit prompt
-    assert stages.render_example(tok, "hi ", "yes") == "hi yes</s>"  # plain text stays plain
+
+    def text(prompt, completion):
+        return tok.decode(data.encode_example(tok, prompt, completion))
+    assert text(user, answer) == "user: hi</s>\nassistant: yes</s>"
+    assert text("", user + answer) == "user: hi</s>\nassistant: yes</s>"  # implicit prompt
+    assert text("hi ", "yes") == "hi yes</s>"  # plain text stays plain
     for prompt, completion in [(user, answer), ("hi ", "yes"), (user, "yes")]:
-        ids = stages.encode_example(tok, prompt, completion)
+        ids = data.encode_example(tok, prompt, completion)
         prompt_ids = data.encode_prompts([prompt], tok, max_prompt_length=1000)[0]
         assert ids[:len(prompt_ids)] == prompt_ids
         assert tok.decode(ids[len(prompt_ids):]) == "yes</s>" and ids[-1] == tok.eos_token_id
-        assert tok.decode(ids) == stages.render_example(tok, prompt, completion)
 
 
 def test_pooling_pad_id_avoids_a_pad_that_ends_sequences(tiny_path):
@@ -94,6 +96,80 @@ def test_pooling_pad_id_avoids_a_pad_that_ends_sequences(tiny_path):
     tok.pad_token = tok.eos_token
     pad = stages.pooling_pad_id(tok, [[5, 6, tok.eos_token_id], [7, tok.unk_token_id]])
     assert pad not in (tok.eos_token_id, tok.unk_token_id)
+
+
+def rollout_layout(tok, queries: list[list[int]], answers: list[str], length: int = 100):
+    """(input_ids, attention_mask) as a PPO rollout holds prompts and responses: prompts left-padded
+    (data.left_pad), responses of `length` tokens right-padded, the mask ending at the first eos (the rollout's
+    response mask). A response is the answer's tokens followed by eos, as the policy would sample them."""
+    query, query_mask = data.left_pad(queries, tok.pad_token_id)
+    responses = torch.full((len(answers), length), tok.pad_token_id)
+    response_mask = torch.zeros_like(responses)
+    for i, answer in enumerate(answers):
+        ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        responses[i, :len(ids)], response_mask[i, :len(ids)] = torch.tensor(ids), 1
+    return torch.cat([query, responses], dim=1), torch.cat([query_mask, response_mask], dim=1)
+
+
+def pooled_positions(model, input_ids, attention_mask) -> list[int]:
+    """Where a sequence-classification model really reads its score: the position whose per-token score (caught
+    at the `score` module) equals the pooled output."""
+    seen = {}
+    hook = model.base_model.model.score.register_forward_hook(lambda mod, args, out: seen.update(tokens=out))
+    try:
+        with torch.no_grad():
+            pooled = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    finally:
+        hook.remove()
+    positions = []
+    for row, value in zip(seen["tokens"][..., 0], pooled):
+        hits = (row == value).nonzero().flatten().tolist()
+        assert len(hits) == 1, hits
+        positions.append(hits[0])
+    return positions
+
+
+@pytest.mark.parametrize("fmt,pad_is_eos", [("conversation", False), ("conversation", True), ("text", True)])
+def test_reward_is_trained_and_read_at_the_token_ppo_scores(fmt, pad_is_eos, tmp_path, monkeypatch, tiny_path):
+    """The reward stage trains on exactly a PPO rollout's tokens, and TRL's model reads the score at the token
+    RoleModel.sequence_rewards reads in the rollout (eos), with the same tokens before it. tiny-llama's template
+    puts a newline after eos (as ChatML does): encoding it would add a token PPO never scores. pad == eos
+    (LLaMA-2) with TRL's own pad choice would make the classifier read the token before eos."""
+    def tokenizer(*args, **kwargs):
+        tok = load_tokenizer(*args, **kwargs)
+        if pad_is_eos:
+            tok.pad_token = tok.eos_token
+        return tok
+    monkeypatch.setattr(stages.reward, "load_tokenizer", tokenizer)
+    ppo_tok = tokenizer(str(tiny_path))  # PPO's own tokenizer (the reward trainer sets its tokenizer's pad)
+    questions = ["is water wet?", "say yes"]
+    prompts = ([[{"role": "user", "content": q}] for q in questions] if fmt == "conversation"
+               else [f"Q: {q} A: " for q in questions])
+    pairs = datasets.Dataset.from_list([{"prompt": p, "chosen": "yes", "rejected": RAMBLE} for p in prompts])
+    trainer = stages.reward_trainer(recipe(), pairs, tmp_path)
+    tok = trainer.processing_class
+    assert (ppo_tok.pad_token_id == ppo_tok.eos_token_id) == pad_is_eos
+    rows = [trainer.train_dataset[i] for i in range(len(pairs))]
+
+    # 1. the trained ids are the rollout's ids: prompt ids as PPO encodes them, then the response, ending in eos
+    queries = data.encode_prompts(pairs, ppo_tok, max_prompt_length=1000)
+    answers = ["yes"] * len(rows) + [RAMBLE] * len(rows)  # the collator's order: chosen rows, then rejected
+    trained = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    for ids, query, answer in zip(trained, queries * 2, answers):
+        assert ids == query + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    # 2. TRL reads at its sequences' eos, RoleModel at the rollout's last attended token: same token, same prefix
+    batch = trainer.data_collator(rows)
+    assert (batch["attention_mask"] == 0).any()  # right padding is really there
+    trainer.model.eval()
+    trl_read = pooled_positions(trainer.model, batch["input_ids"], batch["attention_mask"])
+    rollout_ids, rollout_mask = rollout_layout(ppo_tok, queries * 2, answers)
+    ppo_read = last_token_index(rollout_mask).tolist()
+    for b, (t, p) in enumerate(zip(trl_read, ppo_read)):
+        trl_seen = batch["input_ids"][b, :t + 1]
+        ppo_seen = rollout_ids[b, :p + 1][rollout_mask[b, :p + 1].bool()]
+        assert trl_seen.tolist() == ppo_seen.tolist() == trained[b]
+        assert trl_seen[-1] == tok.eos_token_id
 
 
 # ---- SFT ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""The reward model: a LoRA adapter + scalar head trained with TRL's RewardTrainer (Bradley-Terry) on the same
+quantized base that PPO uses, saved so that RoleModel loads it as adapter "reward", and evaluated as PPO scores.
+
+    train_reward(cfg, pairs, RUN, held)   RewardTrainer + LoRA + score -> RUN/reward (plain PEFT) and
+                                          RUN/reward/reward_head.safetensors; held-out pairwise accuracy
+
+Data: chosen/rejected with an optional prompt, text or messages. We tokenize the pairs ourselves with
+`data.encode_example`, exactly as a PPO rollout lays them out (prompt ids as PPO encodes them, then the answer,
+ending with eos and nothing after it), since RoleModel reads the reward at the rollout's last attended token. TRL's
+own tokenization renders the whole conversation, and templates put text after the end-of-turn token.
+
+A sequence-classification model reads the score at the rightmost token that is not `pad_token_id`. When pad equals
+eos (LLaMA-2 has no pad token) and sequences end in eos, that is the token *before* eos, while PPO reads at the last
+attended token: `pooling_pad_id` picks a pad token that ends no training sequence.
+
+The reward adapter is a fresh LoRA adapter on the base, not a copy of sft: it is simple, does not depend on the
+order the stages run in, and a reward model does not need to generate. Its LoRA keys are saved without the score
+head, in the layout of the causal LM (LlamaForSequenceClassification and LlamaForCausalLM both call their backbone
+`model`), so RoleModel loads it on the shared causal base; the score head (no bias in transformers) is saved as our
+nn.Linear(hidden, 1) head with a zero bias.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import datasets
+import peft
+import torch
+from safetensors.torch import save_file
+
+from ..checkpoint import write_atomically
+from ..config import ConfigError, RecipeConfig
+from ..data import DataError, encode_example, left_pad
+from ..models.loading import (check_llama_family, compute_dtype, keep_one_cpu_4bit_path, load_base, load_tokenizer,
+                              quantization_config, resolve_device, resolve_model_path)
+from ..models.roles import HEAD_FILES, RoleModel, peft_lora_config
+from .common import (free, loss_summary, train_and_save, trainable_to_compute_dtype, trainer_kwargs,
+                     update_run_metadata, use_loss_bar)
+
+log = logging.getLogger(__name__)
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+def preference_ids(dataset: datasets.Dataset, tokenizer) -> datasets.Dataset:
+    """chosen/rejected (prompt optional; text or messages) -> chosen_ids/rejected_ids via `encode_example`."""
+    cols = set(dataset.column_names)
+    if not {"chosen", "rejected"} <= cols:
+        raise DataError(f"data.preferences: preference data needs chosen and rejected columns (prompt optional); "
+                        f"got {sorted(cols)}")
+    keep = ["margin"] if "margin" in cols else []
+
+    def encode(ex):
+        prompt = ex.get("prompt") or ""
+        return {"chosen_ids": encode_example(tokenizer, prompt, ex["chosen"]),
+                "rejected_ids": encode_example(tokenizer, prompt, ex["rejected"])}
+    return dataset.map(encode, remove_columns=[c for c in dataset.column_names if c not in keep],
+                       desc="tokenizing pairs")
+
+
+def within_length(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """The pairs RewardTrainer keeps: both sides at most max_length tokens."""
+    kept = dataset.filter(lambda ex: len(ex["chosen_ids"]) <= max_length and len(ex["rejected_ids"]) <= max_length)
+    if len(kept) < len(dataset):
+        log.warning("%d of %d preference pairs are longer than %d tokens and are skipped", len(dataset) - len(kept),
+                    len(dataset), max_length)
+    return kept
+
+
+def pooling_pad_id(tokenizer, sequences) -> int:
+    """A pad id that ends no sequence, so 'rightmost non-pad token' (TRL) = 'last attended token' (RoleModel)."""
+    last_tokens = {ids[-1] for ids in sequences if ids}
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, *range(len(tokenizer))):
+        if candidate is not None and candidate not in last_tokens:
+            return candidate
+    raise ValueError("no token id is free to pad with")  # unreachable for any real vocabulary
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+
+def load_reward_base(cfg: RecipeConfig):
+    """The base as a LlamaForSequenceClassification (num_labels=1), quantized exactly as `load_base` does."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.model.name)
+    check_llama_family(path, cfg.model.trust_remote_code)
+    device = resolve_device(cfg.model.device)
+    dtype = compute_dtype(cfg.model.dtype, device)
+    try:  # silences the expected "score.weight missing / lm_head.weight unexpected" load report
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+    except ImportError:
+        suppress_seqcls_warning = contextlib.nullcontext
+    torch.manual_seed(cfg.seed)  # the score head is initialised randomly
+    with suppress_seqcls_warning():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, quantization_config=quantization_config(cfg.model.quantization, dtype),
+            device_map={"": device}, trust_remote_code=cfg.model.trust_remote_code)
+    model.requires_grad_(False)
+    if device.type == "cpu":
+        keep_one_cpu_4bit_path(model)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def reward_lora_config(cfg: RecipeConfig) -> peft.LoraConfig:
+    config = peft_lora_config(cfg.lora)
+    config.task_type = "SEQ_CLS"  # PEFT then keeps a trainable copy of `score` (modules_to_save)
+    config.modules_to_save = ["score"]
+    return config
+
+
+def reward_trainer(cfg: RecipeConfig, dataset: datasets.Dataset, output_dir: str | Path):
+    """RewardTrainer (Bradley-Terry) with a fresh LoRA adapter + score head on the shared quantized base."""
+    from trl import RewardConfig, RewardTrainer
+
+    model, tokenizer = load_reward_base(cfg)
+    pairs = within_length(preference_ids(dataset, tokenizer), cfg.reward_model.max_length)
+    if len(pairs) == 0:
+        raise ConfigError(f"reward_model.max_length: no preference pair fits in {cfg.reward_model.max_length} "
+                        f"tokens; raise it or shorten the data")
+    pad_id = pooling_pad_id(tokenizer, list(pairs["chosen_ids"]) + list(pairs["rejected_ids"]))
+    args = RewardConfig(**trainer_kwargs(cfg, cfg.reward_model, str(output_dir)),
+                        pad_token=tokenizer.convert_ids_to_tokens(pad_id))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
+                            peft_config=reward_lora_config(cfg))
+    # TRL 1.16 casts LoRA and the score head to bf16 on a quantized model even with bf16=False (common.py).
+    trainable_to_compute_dtype(trainer.model, compute_dtype(cfg.model.dtype, model.device))
+    use_loss_bar(trainer)
+    return trainer
+
+
+def save_reward(trainer, cfg: RecipeConfig, run_dir: str | Path) -> Path:
+    """LoRA weights (no score) -> RUN/reward as a causal-LM PEFT adapter; score -> RUN/reward/reward_head."""
+    run_dir = Path(run_dir)
+    model = trainer.model
+    state = peft.get_peft_model_state_dict(model)
+    lora = {k: v.detach().contiguous().cpu() for k, v in state.items() if "lora_" in k}
+    score = model.base_model.model.score  # ModulesToSaveWrapper: its active copy is the trained one
+    weight = score.modules_to_save["default"].weight if hasattr(score, "modules_to_save") else score.weight
+    causal = copy.deepcopy(model.peft_config["default"])  # target_modules already resolved to module names
+    causal.task_type, causal.modules_to_save = "CAUSAL_LM", None
+    head = {"weight": weight.detach().float().reshape(1, -1).contiguous().cpu(), "bias": torch.zeros(1)}
+
+    def write(tmp: Path) -> None:
+        causal.save_pretrained(str(tmp))
+        save_file(lora, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(head, str(tmp / HEAD_FILES["reward"]))
+
+    write_atomically(run_dir / "reward", write, manifest=False)
+    update_run_metadata(run_dir, model.get_base_model().config, cfg, "reward", head="reward")
+    return run_dir / "reward"
+
+
+def train_reward(cfg: RecipeConfig, dataset: datasets.Dataset, run_dir: str | Path,
+                 eval_dataset: datasets.Dataset | None = None) -> dict:
+    """Train the reward adapter + head; writes RUN/reward. eval_accuracy is measured through RoleModel."""
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    trainer, result = train_and_save(cfg, run_dir, "reward", lambda out: reward_trainer(cfg, dataset, out),
+                                     save_reward)
+    metrics = {**loss_summary(trainer, result), "pairs": len(trainer.train_dataset)}
+    accuracies = [e["accuracy"] for e in trainer.state.log_history if "accuracy" in e]
+    metrics["train_accuracy_last"] = accuracies[-1] if accuracies else float("nan")
+    train_seconds = time.perf_counter() - start
+    del trainer  # before a second base is loaded for the evaluation
+    free()
+    held_out = eval_dataset is not None and len(eval_dataset) > 0
+    metrics["eval_accuracy"] = evaluate_reward(cfg, run_dir, eval_dataset) if held_out else None
+    metrics["eval_pairs"] = len(eval_dataset) if held_out else 0
+    metrics["train_seconds"] = train_seconds
+    metrics["seconds"] = time.perf_counter() - start
+    if metrics["eval_accuracy"] is not None and math.isnan(metrics["eval_accuracy"]):
+        log.warning("no held-out pair fits reward_model.max_length; eval_accuracy is nan")
+    return metrics
+
+
+# ---- evaluation, as PPO scores ------------------------------------------------------------------------------------
+
+def score_sequences(model: RoleModel, sequences: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """Rewards of token-id sequences through RoleModel.rewards (reward adapter + head), left-padded, no grad."""
+    ids, mask = left_pad(sequences, model.tokenizer.pad_token_id or 0)
+    return model.rewards(ids.to(model.device), mask.to(model.device), micro_batch=batch_size).float().cpu()
+
+
+def pairwise_accuracy(model: RoleModel, dataset: datasets.Dataset, max_length: int, batch_size: int = 16) -> float:
+    """Share of pairs with r(chosen) > r(rejected), scored as PPO scores (ties count as wrong)."""
+    pairs = within_length(preference_ids(dataset, model.tokenizer), max_length)
+    if len(pairs) == 0:
+        return float("nan")
+    chosen = score_sequences(model, pairs["chosen_ids"], batch_size)
+    rejected = score_sequences(model, pairs["rejected_ids"], batch_size)
+    return (chosen > rejected).float().mean().item()
+
+
+def evaluate_reward(cfg: RecipeConfig, run_dir: str | Path, dataset: datasets.Dataset) -> float:
+    """Held-out accuracy of RUN/reward, loaded onto a fresh causal base exactly as PPO loads it."""
+    base, tokenizer = load_base(cfg.model)
+    model = RoleModel.load(base, tokenizer, run_dir, cfg.lora, base_name=cfg.model.name,
+                           quantization=cfg.model.quantization, roles=("reward",), trainable=())
+    accuracy = pairwise_accuracy(model, dataset, cfg.reward_model.max_length, 2 * cfg.reward_model.batch_size)
+    del model, base
+    free()
+    return accuracy
+
