@@ -75,7 +75,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .inference import export_run
+    from .export import export_run
 
     out = export_run(Path(args.run), Path(args.out), merge=args.merge, overwrite=args.overwrite)
     print(f"exported to {out}")
