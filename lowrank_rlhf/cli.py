@@ -83,7 +83,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run as bench
+    from . import bench
 
     return bench.run(args)
 
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="memory and speed: our one-base layout against the four-model layout")
-    from .bench import run as bench
+    from . import bench
 
     bench.add_arguments(p)
     p.set_defaults(func=cmd_bench)

@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 bench() {  # bench NAME ARGS...: one JSON (+ .md, .png) per call, written after each layout
     local name=$1; shift
-    python3 -m lowrank_rlhf.bench.run --warmup 1 --steps 1 --json "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log"
+    python3 -m lowrank_rlhf.bench --warmup 1 --steps 1 --json "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log"
 }
 
 case "${1:-}" in

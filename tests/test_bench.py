@@ -7,14 +7,14 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-from transformers import LlamaConfig
 
-from lowrank_rlhf.bench import run as bench
+from lowrank_rlhf import bench
 from lowrank_rlhf.config import load_recipe
 from lowrank_rlhf.bench.four_model import FourModelRoles, plan_four_model, predicted_peaks
 from lowrank_rlhf.memory.estimate import weight_bytes
 from lowrank_rlhf.memory.plan import MemoryBudgetError
 from lowrank_rlhf.memory.shapes import LLAMA2_7B, LLAMA2_13B, ModelShape, lora_params
+from lowrank_rlhf.models.builtin import tiny_llama_config
 from lowrank_rlhf.models.loading import load_base
 from lowrank_rlhf.models.random_llama import DECODER_LINEARS, build_random_llama, llama_config, model_weight_bytes
 from lowrank_rlhf.models.roles import RoleModel
@@ -104,6 +104,9 @@ def test_bench_writes_json_markdown_and_plot_for_every_layout(tmp_path):
         assert layout["response_length"] == 4.0  # forced length: no early EOS
         generation = layout["generation"]
         assert generation["kv_cache_used"] and not generation["gradient_checkpointing_during_generate"]
+        # the probe counts the policy's forwards only while the trainer's clock is in generate: one prefill per
+        # generate pass, none of the scoring and training forwards
+        assert generation["prefill_calls"] == layout["generate_passes"] * len(layout["steps"]), generation
         assert layout["oom_events"] == []
     ours, four = report["layouts"]["ours"], report["layouts"]["four-model"]
     assert four["weight_bytes"] == 3 * ours["weight_bytes"] and four["decode_weight_bytes"] == ours["weight_bytes"]
@@ -151,6 +154,38 @@ def test_a_fatal_oom_in_one_layout_is_recorded_and_the_others_still_run(tmp_path
     assert report["ratios"] == {} and "four-model: error" in path.with_suffix(".md").read_text()
 
 
+def test_generation_probe_counts_only_during_the_trainers_generate_phase():
+    from lowrank_rlhf.bench.measure import GenerationProbe
+    from lowrank_rlhf.rl.timing import PhaseClock
+
+    class Cache:
+        def __init__(self, length):
+            self.length = length
+
+        def get_seq_length(self):
+            return self.length
+
+    class Decoder(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):
+            return input_ids
+
+    model, clock = Decoder(), PhaseClock(torch.device("cpu"))
+    probe = GenerationProbe(model, clock)
+    model(input_ids=torch.ones(2, 5))  # outside any phase: not counted
+    with clock.phase("score"):
+        model(input_ids=torch.ones(2, 5))
+    with clock.phase("generate"):
+        model(input_ids=torch.ones(2, 5), past_key_values=Cache(0))  # prefill
+        model(input_ids=torch.ones(2, 1), past_key_values=Cache(5))  # decode, one token per row
+    assert probe.report() == {"prefill_calls": 1, "decode_calls": 1, "kv_cache_used": True,
+                              "gradient_checkpointing_during_generate": False,
+                              "training_mode_during_generate": True}
+    probe.remove()
+    with clock.phase("generate"):
+        model(input_ids=torch.ones(2, 5))
+    assert probe.prefill_calls == 1
+
+
 # ================================================================================================ four-model layout
 def test_four_model_layout_kl_zero_and_only_policy_and_value_train(tmp_path):
     cfg = tiny_recipe(tmp_path)
@@ -167,8 +202,8 @@ def test_four_model_layout_kl_zero_and_only_policy_and_value_train(tmp_path):
                          show_progress=False, force_response_length=True)
     rollout = trainer.rollout()
     scored = trainer.score(rollout)
-    assert torch.equal(scored["logprobs"], scored["ref_logprobs"])  # KL exactly 0 at step 0
-    assert scored["kl"].abs().max().item() == 0.0
+    assert torch.equal(scored.logprobs, scored.ref_logprobs)  # KL exactly 0 at step 0
+    assert scored.kl.abs().max().item() == 0.0
 
     before = {name: snapshot(m) for name, m in model.models.items()}
     metrics = trainer.train_step()
@@ -215,12 +250,6 @@ def test_four_model_plan_reserves_two_more_bases():
 
 
 # ================================================================================================ random bases
-def tiny_config(**kw):
-    return LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       tie_word_embeddings=False, **kw)
-
-
 def test_random_llama2_config_round_trips_the_planner_shape():
     """The random bases build their LlamaConfig from memory/shapes.py: reading the shape back from that config (what
     the planner does with a real checkpoint) must give the same shape, so no field is lost on the way."""
@@ -232,7 +261,7 @@ def test_random_llama2_config_round_trips_the_planner_shape():
 
 
 def test_random_4bit_llama_is_wrapped_by_peft_and_trains(tmp_path):
-    base, tok = build_random_llama(tiny_config(), "4bit", device="cpu", dtype=torch.float32, seed=0)
+    base, tok = build_random_llama(tiny_llama_config(300), "4bit", device="cpu", dtype=torch.float32, seed=0)
     assert len(tok) == 300 and (tok.pad_token_id, tok.eos_token_id) == (0, 2)
     for layer in base.model.layers:
         for parent, name in DECODER_LINEARS:
@@ -257,7 +286,7 @@ def test_random_4bit_llama_is_wrapped_by_peft_and_trains(tmp_path):
 
 @pytest.mark.parametrize("quantization, layer_type", [("8bit", bnb.nn.Linear8bitLt), ("none", torch.nn.Linear)])
 def test_random_llama_in_8bit_and_full_precision(quantization, layer_type):
-    base, _ = build_random_llama(tiny_config(), quantization, device="cpu", dtype=torch.float32, seed=1)
+    base, _ = build_random_llama(tiny_llama_config(300), quantization, device="cpu", dtype=torch.float32, seed=1)
     assert type(base.model.layers[1].self_attn.o_proj) is layer_type
     logits = base(input_ids=torch.tensor(prompts_for(300, n=2))).logits
     assert logits.shape == (2, 6, 300) and torch.isfinite(logits).all()

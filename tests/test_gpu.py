@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from lowrank_rlhf.bench import run as bench
+from lowrank_rlhf import bench
 from lowrank_rlhf.memory import plan as planning
 from lowrank_rlhf.config import ModelConfig, load_recipe
 from lowrank_rlhf.memory.estimate import weight_bytes

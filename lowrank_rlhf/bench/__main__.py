@@ -1,0 +1,7 @@
+"""`python -m lowrank_rlhf.bench`: the same as `lowrank-rlhf bench`."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
