@@ -20,25 +20,13 @@ from . import data
 from .config import RecipeConfig, load_recipe
 from .pipeline import load_roles, run_stages
 from .models.roles import BASE, REFERENCE, RoleModel
+from .recipes import recipe_path
 from .rl.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
 
-# The quickstart recipe; recipes/quickstart-smollm2.yaml holds the same settings (a test keeps them equal).
-QUICKSTART = [
-    "model.name=smollm2-135m", "model.quantization=4bit", "lora.r=16", "lora.alpha=32",
-    # one forward gives logits and values: on 2 CPU cores that halves PPO's scoring and training passes
-    "lora.critic=shared",
-    "data.sft=bundled:clickbait_sft", "data.preferences=bundled:clickbait_preferences",
-    "data.prompts=bundled:clickbait_prompts", "data.eval_prompts=bundled:clickbait_heldout",
-    "data.max_prompt_length=96", "data.eval_fraction=0.15",
-    "sft.epochs=1", "sft.learning_rate=3e-4", "sft.batch_size=8", "sft.max_length=128",
-    "reward_model.epochs=1", "reward_model.learning_rate=2e-4", "reward_model.batch_size=8",
-    "reward_model.max_length=128",
-    "ppo.total_steps=12", "ppo.rollout_batch_size=16", "ppo.num_mini_batches=2", "ppo.num_ppo_epochs=2",
-    "ppo.response_length=6", "ppo.temperature=0.7", "ppo.kl_coef=0.05", "ppo.learning_rate=5e-5",
-    "ppo.value_learning_rate=1e-4", "ppo.missing_eos_penalty=1.0", "ppo.save_steps=4",
-]
+# The quickstart's settings live in one place: the shipped recipes/quickstart-smollm2.yaml.
+RECIPE = "quickstart-smollm2.yaml"
 # --smoke: the same path, a few steps of each stage, for CI (about two minutes on 2 CPU cores).
 SMOKE = ["data.max_samples=16", "sft.max_steps=2", "reward_model.max_steps=2", "ppo.total_steps=2",
          "ppo.rollout_batch_size=4", "ppo.num_ppo_epochs=1", "ppo.num_mini_batches=1", "ppo.save_steps=0"]
@@ -46,7 +34,7 @@ SMOKE = ["data.max_samples=16", "sft.max_steps=2", "reward_model.max_steps=2", "
 
 def quickstart_recipe(smoke: bool = False, run_dir: str | Path = "runs/quickstart") -> RecipeConfig:
     smoke = smoke or os.environ.get("LOWRANK_RLHF_SMOKE") == "1"
-    return load_recipe(None, QUICKSTART + (SMOKE if smoke else []) + [f"run_dir={run_dir}"])
+    return load_recipe(recipe_path(RECIPE), (SMOKE if smoke else []) + [f"run_dir={run_dir}"])
 
 
 @torch.no_grad()

@@ -8,9 +8,11 @@ import yaml
 
 from lowrank_rlhf.config import load_recipe
 from lowrank_rlhf.memory.plan import plan_recipe
-from lowrank_rlhf.quickstart import QUICKSTART, quickstart_recipe
+from lowrank_rlhf.quickstart import RECIPE, quickstart_recipe
+from lowrank_rlhf.recipes import RECIPES_DIR, recipe_path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
 # recipe -> (model, the card's memory the recipe must plan within)
 EXPECTED = {
     "tiny-cpu.yaml": ("tiny-llama", "2GiB"),
@@ -43,10 +45,25 @@ def test_recipe_loads_strictly_and_plans_for_its_card(name):
         assert abs(peak - float(stated.group(1))) < 0.05, f"{name} says {stated.group(1)} GiB, the plan {peak:.2f}"
 
 
-def test_quickstart_recipe_file_matches_the_quickstart_command(tmp_path):
-    from_file = load_recipe(RECIPES / "quickstart-smollm2.yaml", [f"run_dir={tmp_path}"])
-    assert from_file == quickstart_recipe(smoke=False, run_dir=tmp_path)
-    assert len(QUICKSTART) > 10
+def test_the_installed_recipes_are_the_recipes_folder():
+    """pyproject.toml installs recipes/ as lowrank_rlhf.recipes: what the quickstart reads is this folder's file."""
+    assert recipe_path(RECIPE).samefile(RECIPES / "quickstart-smollm2.yaml")
+    assert {p.name for p in RECIPES_DIR.glob("*.yaml")} == set(EXPECTED)
+
+
+def test_pyproject_lists_every_package():
+    """The package list is written out (the finder cannot map recipes/); a package missing from it would be left
+    out of a non-editable install while every test here still passed."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "lowrank_rlhf").rglob("__init__.py")}
+    assert set(listed) == on_disk | {"lowrank_rlhf.recipes"}
+
+
+def test_quickstart_smoke_only_shrinks_the_run(tmp_path):
+    full, smoke = quickstart_recipe(False, tmp_path), quickstart_recipe(True, tmp_path)
+    assert full.model == smoke.model and full.lora == smoke.lora
+    assert smoke.ppo.total_steps < full.ppo.total_steps and smoke.data.max_samples < (full.data.max_samples or 10**9)
 
 
 def test_gpu_recipes_name_public_datasets_by_hub_id():
