@@ -12,7 +12,8 @@ from .models.loading import load_base
 from .pipeline import build_trainer, load_roles, run_stages
 from .memory.plan import plan_recipe
 from .models.roles import BASE, REFERENCE, RoleModel
-from .rl.trainer import PPOTrainer, Rollout
+from .rl.experience import Rollout
+from .rl.trainer import PPOTrainer
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,8 @@ from .models.loading import check_llama_family, load_base, load_tokenizer, resol
 from .memory.plan import enforce_budget, gradient_checkpointing, micro_batches, plan_recipe
 from .models.roles import RoleModel
 from .models.run_metadata import META_FILE, check_base, read_run_metadata
-from .rl.trainer import PPOTrainer, Rollout
+from .rl.experience import Rollout
+from .rl.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "reward", "ppo")

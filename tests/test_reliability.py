@@ -337,13 +337,13 @@ def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path):
 
 
 def test_nan_loss_skips_the_update_and_logs_it(tmp_path, caplog, monkeypatch):
-    from lowrank_rlhf import trainer as trainer_module
+    from lowrank_rlhf.rl import trainer as trainer_module
 
     real, calls = trainer_module.policy_loss, []
 
     def nan_once(*args, **kwargs):  # the first minibatch's loss is NaN, the second one's is real
         loss, stats = real(*args, **kwargs)
-        calls.append(1)
+        calls.append(loss.item())
         return (loss * float("nan"), stats) if len(calls) == 1 else (loss, stats)
 
     monkeypatch.setattr(trainer_module, "policy_loss", nan_once)
@@ -353,7 +353,9 @@ def test_nan_loss_skips_the_update_and_logs_it(tmp_path, caplog, monkeypatch):
         trainer.train()
     assert "step 0: non-finite loss or gradient, update skipped (1 in a row)" in caplog.text
     metrics = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert metrics["skipped"] == 0.5 and trainer.nan_skips == 0  # one of two updates skipped, the other applied
+    assert metrics["skipped"] == 1 and trainer.nan_skips == 0  # one of two updates skipped, the other applied
+    # the statistics average the applied update only: the skipped one adds no zeros (and no NaN)
+    assert metrics["loss/policy_avg"] == pytest.approx(calls[1], rel=1e-5)
     assert any(not torch.equal(before[k], v) for k, v in adapter_weights(trainer).items())
 
 

@@ -60,8 +60,8 @@ def assert_same(a: dict, b: dict, atol: float) -> None:
 def test_kl_is_exactly_zero_at_step_zero(tmp_path):
     trainer = make_trainer(recipe(tmp_path))
     rollout = trainer.rollout()
-    scored = trainer.score(rollout)
-    assert scored["kl"].abs().max().item() <= 1e-6
+    exp = trainer.score(rollout)
+    assert exp.kl.abs().max().item() <= 1e-6
     metrics = trainer.train_step()
     assert abs(metrics["objective/kl"]) <= 1e-6
 
@@ -119,7 +119,7 @@ def test_non_finite_scores_skip_updates_then_stop(tmp_path):
                                   "ppo.num_mini_batches=1"), scorer=nan_scorer)
     before = adapter_weights(trainer)
     metrics = trainer.train_step()
-    assert metrics["skipped"] == 1.0
+    assert metrics["skipped"] == 1
     assert_same(before, adapter_weights(trainer), atol=0)  # a skipped update changes nothing
     with pytest.raises(NonFiniteError, match="2 PPO updates in a row"):
         trainer.train_step()
@@ -164,28 +164,34 @@ def test_two_cpu_processes_end_with_identical_adapters(tmp_path):
     assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
 
 
-def test_map_rows_trims_padding_and_restores_full_width_for_any_output_shape(tmp_path):
-    """Rows with short responses share trimmed micro-batches; per-token outputs of any rank come back full width
-    and in the original row order (the shared critic returns [n, r, 2])."""
+def test_map_rows_trims_padding_and_restores_full_width_for_any_output_shape():
+    """Rows with short responses share trimmed micro-batches; per-token outputs of any rank come back full width,
+    zero in the columns their micro-batch trimmed away, and in the original row order (the shared critic returns
+    [n, r, 2])."""
     from lowrank_rlhf.memory.runner import MicroBatchRunner
-    from lowrank_rlhf.rl.trainer import Rollout
+    from lowrank_rlhf.rl.experience import Rollout
+    from lowrank_rlhf.rl.scoring import map_rows
 
-    trainer = make_trainer(recipe(tmp_path))
     ids = torch.arange(1, 4 * 9 + 1).reshape(4, 9)
     response_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
     prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
     rollout = Rollout(ids, torch.cat([prompt_mask, response_mask], 1), 4, response_mask, torch.arange(4),
                       torch.zeros(4, dtype=torch.bool))
+    widths = []
 
-    def fn(ids, mask, start):  # the response tokens themselves, twice: [n, r', 2]
+    def fn(ids, mask, start):  # the response columns it was given, twice: [n, r', 2]
         resp = ids[:, start:].float()
+        widths.append(resp.shape[1])
         return torch.stack([resp, -resp], dim=-1)
 
-    out = trainer.map_rows(rollout, MicroBatchRunner("score", 2), fn)
+    out = map_rows(rollout, MicroBatchRunner("score", 2), fn)
     assert out.shape == (4, 5, 2)
-    expected = ids[:, 4:].float() * response_mask  # trimmed-away columns hold no real token and come back 0
-    torch.testing.assert_close(out[..., 0] * response_mask, expected)
-    torch.testing.assert_close(out[..., 1] * response_mask, -expected)
+    # sorted by length, rows 2 and 1 (responses of 1 and 2 tokens) share a micro-batch trimmed to 2 columns;
+    # rows 3 and 0 share one that keeps all 5
+    assert widths == [2, 5]
+    expected = ids[:, 4:].float().clone()
+    expected[[1, 2], 2:] = 0  # trimmed away: zero-filled, not left uninitialised
+    assert torch.equal(out[..., 0], expected) and torch.equal(out[..., 1], -expected)
 
 
 def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):

@@ -1,0 +1,71 @@
+"""Scoring a rollout, without gradients: policy and reference logprobs, values, the score of each sequence and the
+per-token KL. Rows are grouped by length into micro-batches and the padding they share is trimmed."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..config import PPOConfig
+from ..memory.runner import MicroBatchRunner
+from ..models.roles import REFERENCE, RoleModel
+from .experience import Experience, Rollout, trim_columns
+from .ppo import RunningMoments, kl_penalty, normalize_and_clip_scores
+
+# scorer(rollout, runner) -> one score per sequence (pipeline.Scorer: the learned reward and Python functions)
+Scorer = Callable[[Rollout, MicroBatchRunner], torch.Tensor]
+RowFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def map_rows(rollout: Rollout, runner: MicroBatchRunner, fn: RowFn) -> torch.Tensor:
+    """fn(ids, mask, response_start) -> [n, r, ...] (or [n]) over micro-batches of rows sorted by length, with
+    shared padding columns trimmed. Per-token outputs are zero-filled back to full response width (trimmed
+    columns are padding everywhere in that micro-batch), and rows return to their original order."""
+    order = torch.argsort(rollout.attention_mask.sum(1), stable=True)
+    width = rollout.response_mask.shape[1]
+
+    def run(a: int, b: int) -> torch.Tensor:
+        rows = order[a:b]
+        mask = rollout.attention_mask[rows]
+        left, right = trim_columns(mask, rollout.response_start)
+        out = fn(rollout.input_ids[rows, left:right], mask[:, left:right], rollout.response_start - left)
+        if out.dim() >= 2 and out.shape[1] < width:
+            full = out.new_zeros((out.shape[0], width, *out.shape[2:]))
+            full[:, :out.shape[1]] = out
+            out = full
+        return out
+
+    parts = torch.cat(runner.run(len(order), run), dim=0)
+    result = torch.empty_like(parts)
+    result[order] = parts
+    return result
+
+
+@torch.no_grad()
+def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: MicroBatchRunner, ppo: PPOConfig,
+                  score_moments: RunningMoments) -> Experience:
+    temp, shared = ppo.temperature, model.critic == "shared"
+
+    def policy(ids, mask, start):
+        out = model.response_logprobs("policy", ids, mask, start, temp, with_values=shared)
+        return torch.stack([out["logprobs"], out["values"]], dim=-1) if shared else out["logprobs"]
+
+    def reference(ids, mask, start):
+        # exactly the policy's code path and temperature: KL is 0 while policy == sft
+        return model.response_logprobs(REFERENCE, ids, mask, start, temp)["logprobs"]
+
+    policy_out = map_rows(rollout, runner, policy)
+    logprobs = policy_out[..., 0] if shared else policy_out
+    ref_logprobs = map_rows(rollout, runner, reference)
+    values = policy_out[..., 1] if shared else map_rows(rollout, runner, model.token_values)
+    raw_scores = scorer(rollout, runner).float().to(logprobs.device)
+    scores = raw_scores
+    if ppo.missing_eos_penalty is not None:
+        scores = scores - ppo.missing_eos_penalty * (~rollout.has_stop).float()
+    if ppo.normalize_scores or ppo.score_clip is not None:
+        scores = normalize_and_clip_scores(scores, score_moments if ppo.normalize_scores else None, ppo.score_clip)
+    mask = rollout.response_mask
+    return Experience(rollout=rollout, logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
+                      values=values * mask, kl=kl_penalty(logprobs, ref_logprobs, ppo.kl_estimator) * mask,
+                      raw_scores=raw_scores, scores=scores)
