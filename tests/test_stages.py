@@ -174,22 +174,28 @@ def test_reward_is_trained_and_read_at_the_token_ppo_scores(fmt, pad_is_eos, tmp
 
 # ---- SFT ------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", ["text", "conversational", "messages"])
+@pytest.mark.parametrize("fmt", ["text", "conversational", "messages", "plain"])
 def test_sft_loss_is_on_the_completion_only(fmt, run_dir, tiny_path):
+    """SFT trains on the PPO rollout layout (data.encode_example): the loss on the (last) assistant turn with its
+    eos and nothing after it (tiny-llama's template adds a newline there), no prompt tokens."""
+    user = [{"role": "user", "content": "say yes"}]
     rows = {"text": {"prompt": "say yes", "completion": "yes"},
-            "conversational": {"prompt": [{"role": "user", "content": "say yes"}],
-                               "completion": [{"role": "assistant", "content": "yes"}]},
+            "conversational": {"prompt": user, "completion": [{"role": "assistant", "content": "yes"}]},
             "messages": {"messages": [{"role": "user", "content": "say no"}, {"role": "assistant", "content": "no"},
                                       {"role": "user", "content": "say yes"},
-                                      {"role": "assistant", "content": "yes"}]}}[fmt]
+                                      {"role": "assistant", "content": "yes"}]},
+            "plain": {"text": "say yes"}}[fmt]
     trainer = stages.sft_trainer(recipe(), datasets.Dataset.from_list([rows]), run_dir / f"scratch-{fmt}")
     ex = trainer.train_dataset[0]
     tok = trainer.processing_class
     trained = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
-    # the (last) assistant turn with its eos, no prompt tokens; plain text stays plain, conversations are templated
-    assert tok.decode(trained) == ("yes</s>" if fmt == "text" else "yes</s>\n")
+    # plain text stays plain, conversations are templated
+    assert tok.decode(trained) == {"plain": "say yes</s>"}.get(fmt, "yes</s>")
     assert tok.decode(ex["input_ids"]).endswith("say yes" + ("yes</s>" if fmt == "text" else
-                                                             "</s>\nassistant: yes</s>\n"))
+                                                             "</s>\nassistant: yes</s>" if fmt != "plain" else "</s>"))
+    prompt, completion = {"text": ("say yes", "yes"), "conversational": (user, "yes"), "plain": ("", "say yes"),
+                          "messages": ([], rows.get("messages"))}[fmt]  # an empty prompt splits the conversation
+    assert ex["input_ids"] == data.encode_example(tok, prompt, completion)
 
 
 def test_sft_trains_and_saves_plain_peft(sft_run, run_dir, load_tiny):

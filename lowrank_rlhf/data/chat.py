@@ -7,13 +7,16 @@ on exactly the tokens a PPO rollout holds and is read at the same token (the las
                                          the assistant turn opened and no extra special tokens (the template has
                                          them); plain text with the tokenizer's usual ones (e.g. LLaMA's BOS)
     encode_example(tok, prompt, answer)  prompt_ids, then the answer's ids, ending with eos and nothing after it,
-                                         as a rollout lays them out (its attention mask ends at eos)
+                                         as a rollout lays them out (its attention mask ends at eos); SFT trains
+                                         on the same layout (encode_example_parts), the loss on the answer
     encode_prompts(dataset, tok, ...)    prompt_ids of a whole prompt column, limited to max_prompt_length
     left_pad(batch_ids, pad_id)          a batch of id lists left-padded, so every response starts at one column
 
 A prompt or answer is plain text or a conversation: a list of `{"role": ..., "content": ...}` messages. We do not
-use TRL's tokenization of a whole conversation for the reward model: templates put text after the assistant's
-end-of-turn token (ChatML's newline, tiny-llama's too), so the reward would be trained at a token PPO never scores.
+use TRL's tokenization of a whole conversation for SFT or the reward model: templates put text after the
+assistant's end-of-turn token (ChatML's newline, tiny-llama's too), so the reward would be trained at a token PPO
+never scores, and tokenizing prompt + answer as one string merges tokens across the boundary (a plain-text prompt
+ending in a space: TRL trains " yes" where the policy, after the prompt's own tokens, must produce "yes").
 """
 
 from __future__ import annotations
@@ -139,16 +142,24 @@ def _limit_lengths(ids: list[list[int]], max_len: int, long_prompts: str, name: 
 
 
 # ----------------------------------------------------------------------------------------------------- examples
-def encode_example(tokenizer, prompt: Any, completion: Any) -> list[int]:
-    """Token ids of prompt + answer laid out as in a PPO rollout: `prompt_ids`, then the answer's ids
-    (`completion_text`, no special tokens), ending with eos, where the rollout's attention mask ends and
-    RoleModel reads the reward. An empty prompt with a conversation as completion splits that conversation
-    before its last assistant turn (earlier turns are the prompt)."""
+def encode_example_parts(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of prompt + answer laid out as in a PPO rollout: `prompt_ids`, then the answer's
+    ids (`completion_text`, no special tokens) ending with eos, where the rollout's attention mask ends and
+    RoleModel reads the reward. An empty prompt with a conversation as completion splits that conversation before
+    its last assistant turn (earlier turns are the prompt). SFT trains on the answer part, the reward on both."""
     if not prompt and is_conversation(completion):
         prompt, completion = split_messages(completion)
-    answer = tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"]
-    ids = prompt_ids(tokenizer, prompt or "") + list(answer)
-    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+    question = prompt_ids(tokenizer, prompt or "")
+    answer = list(tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"])
+    if not (question + answer) or (question + answer)[-1] != tokenizer.eos_token_id:
+        answer.append(tokenizer.eos_token_id)
+    return question, answer
+
+
+def encode_example(tokenizer, prompt: Any, completion: Any) -> list[int]:
+    """`encode_example_parts` as one sequence: the token ids the reward model is trained and read on."""
+    question, answer = encode_example_parts(tokenizer, prompt, completion)
+    return question + answer
 
 
 def left_pad(batch_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

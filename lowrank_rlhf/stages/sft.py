@@ -2,11 +2,12 @@
 
     train_sft(cfg, dataset, RUN)   SFTTrainer + LoRA -> RUN/sft (plain PEFT; policy and reference start as copies)
 
-Data: prompt/completion (text or messages) or a `messages` column, which is split before its last assistant message
-(earlier turns are the prompt; SFT trains on that last turn). TRL renders them as PPO's prompts are rendered
-(data.chat): plain text as prompt + completion + eos, conversations through the chat template with the assistant
-turn opened. The loss is on the completion only, via TRL's completion_only_loss, which works with any template
-(assistant_only_loss needs {% generation %} markers that most templates lack).
+Data: prompt/completion (text or messages), a `messages` column, which is split before its last assistant message
+(earlier turns are the prompt; SFT trains on that last turn), or plain `text` (trained whole). We tokenize the
+examples ourselves with data.chat, exactly as a PPO rollout lays them out (the prompt's ids as PPO encodes them,
+then the answer ending with eos, nothing after it), and hand TRL `input_ids` + `completion_mask`: the loss is on
+the answer only (completion_only_loss). TRL's own tokenization renders prompt + answer as one string, so a template's
+text after the end-of-turn token is trained and tokens merge across the prompt/answer boundary.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ..checkpoint import write_atomically
 from ..config import RecipeConfig
-from ..data import DataError, split_messages
+from ..data import DataError, encode_example_parts, split_messages
 from ..models.loading import compute_dtype, load_base
 from ..models.roles import peft_lora_config
 from .common import (free, loss_summary, train_and_save, trainable_to_compute_dtype, trainer_kwargs,
@@ -29,17 +30,28 @@ from .common import (free, loss_summary, train_and_save, trainable_to_compute_dt
 log = logging.getLogger(__name__)
 
 
-def sft_examples(dataset: datasets.Dataset) -> datasets.Dataset:
-    """prompt/completion (text or messages) as they are, or `messages` split before its last assistant turn."""
+def sft_examples(dataset: datasets.Dataset, tokenizer) -> datasets.Dataset:
+    """input_ids + completion_mask, tokenized by data.chat exactly as a PPO rollout lays prompt and answer out.
+
+    prompt/completion (text or messages) as they are; `messages` split before its last assistant turn; `text`
+    trained whole, followed by eos."""
     cols = set(dataset.column_names)
     if "messages" in cols:
-        def split(ex):
-            prompt, completion = split_messages(ex["messages"])
-            return {"prompt": prompt, "completion": completion}
-        return dataset.map(split, remove_columns=dataset.column_names, desc="SFT examples")
-    if {"prompt", "completion"} <= cols:
-        return dataset.select_columns(["prompt", "completion"])
-    raise DataError(f"data.sft: SFT data needs prompt/completion or messages columns; got {sorted(cols)}")
+        def pair(ex):
+            return split_messages(ex["messages"])
+    elif {"prompt", "completion"} <= cols:
+        def pair(ex):
+            return ex["prompt"], ex["completion"]
+    elif "text" in cols:
+        def pair(ex):
+            return "", ex["text"]  # all of it is the answer; the BOS, if any, is the prompt
+    else:
+        raise DataError(f"data.sft: SFT data needs prompt/completion, messages or text columns; got {sorted(cols)}")
+
+    def encode(ex):
+        question, answer = encode_example_parts(tokenizer, *pair(ex))
+        return {"input_ids": question + answer, "completion_mask": [0] * len(question) + [1] * len(answer)}
+    return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenizing SFT examples")
 
 
 def sft_trainer(cfg: RecipeConfig, dataset: datasets.Dataset, output_dir: str | Path):
@@ -49,7 +61,7 @@ def sft_trainer(cfg: RecipeConfig, dataset: datasets.Dataset, output_dir: str | 
     torch.manual_seed(cfg.seed)
     base, tokenizer = load_base(cfg.model)
     args = SFTConfig(**trainer_kwargs(cfg, cfg.sft, str(output_dir)), completion_only_loss=True)
-    trainer = SFTTrainer(model=base, args=args, train_dataset=sft_examples(dataset),
+    trainer = SFTTrainer(model=base, args=args, train_dataset=sft_examples(dataset, tokenizer),
                          processing_class=tokenizer, peft_config=peft_lora_config(cfg.lora))
     trainable_to_compute_dtype(trainer.model, compute_dtype(cfg.model.dtype, base.device))
     use_loss_bar(trainer)
