@@ -21,7 +21,7 @@ from .config import RecipeConfig, load_recipe
 from .pipeline import load_roles, run_stages
 from .models.roles import BASE, REFERENCE, RoleModel
 from .recipes import recipe_path
-from .rl.trainer import PPOTrainer
+from .rl.rollout import response_mask as rollout_response_mask
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def evaluate(model: RoleModel, role: str, prompts: list[list[int]], texts: list[
     out = model.generate(role, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=tok.eos_token_id)
     responses = out[:, ids.shape[1]:]
-    response_mask, _ = PPOTrainer._response_mask(responses, tok.eos_token_id)
+    response_mask, _ = rollout_response_mask(responses, tok.eos_token_id)
     reward = None
     if "reward" in model.roles:
         reward = model.rewards(torch.cat([ids, responses], 1), torch.cat([mask, response_mask], 1),
