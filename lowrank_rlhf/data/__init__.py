@@ -19,7 +19,7 @@ from .tables import (BUNDLED_DIR, SFT_LAYOUTS, SUPPORTED_EXTENSIONS, bundled_nam
 __all__ = [
     "BUNDLED_DIR", "CLICKBAIT_FILES", "CLICKBAIT_PROMPT", "DataError", "RAMBLING_ANSWERS", "SFT_LAYOUTS",
     "SUPPORTED_EXTENSIONS", "build_clickbait_rows", "bundled_names", "clickbait_prompt", "completion_text",
-    "encode_example", "encode_example_parts", "encode_prompts", "holdout_split", "is_conversation", "left_pad", "load_preferences",
-    "load_prompts", "load_sft", "load_table", "normalize_answer", "prompt_ids", "prompt_text", "prompt_texts",
-    "split_messages", "tokenize_prompts", "write_clickbait_files",
+    "encode_example", "encode_example_parts", "encode_prompts", "holdout_split", "is_conversation", "left_pad",
+    "load_preferences", "load_prompts", "load_sft", "load_table", "normalize_answer", "prompt_ids", "prompt_text",
+    "prompt_texts", "split_messages", "tokenize_prompts", "write_clickbait_files",
 ]
