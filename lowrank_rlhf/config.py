@@ -49,6 +49,9 @@ class LoraConfig:
     target_modules: list = opt(["all-linear"], "linear layers that get adapters; all-linear = every one but lm_head")
     critic: str = opt("separate", "separate = value role has its own adapter; shared = value head on the policy",
                       choices=("separate", "shared"))
+    critic_init: str = opt("reward", "where a separate critic starts: reward = a copy of the reward adapter and head "
+                           "(as TRL and OpenRLHF do), fresh = a new adapter and a random head",
+                           choices=("reward", "fresh"))
 
 
 @dataclass
@@ -97,6 +100,10 @@ class RewardModelStageConfig(_TrainedStageConfig):
     learning_rate: float = opt(1e-4, "AdamW learning rate", low=0.0)
     batch_size: int = opt(8, "pairs per optimizer step (per device)", low=1)
     max_length: int = opt(512, "longest tokenized prompt + answer", low=8)
+    init: str = opt("sft", "where the reward adapter starts: sft = a copy of RUN/sft when the run has one (as "
+                    "InstructGPT), fresh = a new adapter", choices=("sft", "fresh"))
+    min_accuracy: float | None = opt(None, "PPO refuses to start when the reward model's held-out pairwise accuracy "
+                                     "(RUN/reward/eval.json) is below this; null = no check", low=0.0, high=1.0)
 
 
 @dataclass
@@ -104,12 +111,16 @@ class RewardsConfig:
     learned_weight: float = opt(1.0, "weight of the learned reward adapter in the PPO score; 0 = not used")
     functions: list = opt([], "Python reward functions as module:function(prompts, completions) -> list[float]")
     function_weights: list = opt([], "one weight per function; empty = 1.0 each")
+    eval_functions: list = opt([], "Python functions scored on the held-out prompts only (never part of the PPO "
+                               "score), e.g. a verifiable accuracy beside a learned reward")
 
 
 @dataclass
 class PPOConfig:
     total_steps: int = opt(10, "PPO steps (one rollout batch each)", low=1)
-    rollout_batch_size: int = opt(8, "prompts generated and scored per PPO step", low=1)
+    rollout_batch_size: int = opt(8, "responses generated and scored per PPO step", low=1)
+    num_generations: int = opt(1, "responses sampled per prompt (TRL's name); rollout_batch_size must be divisible "
+                               "by it", low=1)
     num_mini_batches: int = opt(1, "minibatches per PPO epoch (optimizer steps per epoch)", low=1)
     num_ppo_epochs: int = opt(4, "passes over each rollout batch", low=1)
     response_length: int = opt(53, "new tokens generated per prompt", low=1)
@@ -117,8 +128,8 @@ class PPOConfig:
     decode: str = opt("generate", "rollout decoding: generate = transformers' generate(); static = a fixed-size KV "
                       "cache; static-compiled = that, with the decode step compiled (CUDA graphs on a GPU)",
                       choices=("generate", "static", "static-compiled"))
-    stop_token: str = opt("eos", "eos = truncate responses after the eos token; none = keep all tokens",
-                          choices=("eos", "none"))
+    stop_token: list = opt(["eos"], "where responses end: eos = every eos id of the model and the chat template's "
+                           "end-of-turn token; none = keep all tokens; or token strings, e.g. [<|eot_id|>]")
     missing_eos_penalty: float | None = opt(None, "subtracted from the score of responses without eos; null = off")
     kl_coef: float = opt(0.05, "initial KL penalty coefficient", low=0.0)
     kl_estimator: str = opt("k1", "per-token KL estimator", choices=("k1", "k3"))
@@ -137,6 +148,14 @@ class PPOConfig:
     value_learning_rate: float = opt(1e-5, "value adapter and head learning rate", low=0.0)
     lr_scheduler_type: str = opt("linear", "learning-rate schedule over all PPO updates", choices=("linear", "constant"))
     max_grad_norm: float = opt(1.0, "gradient clipping norm, applied to each role", low=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay; it pulls adapters toward the base, not the reference, so 0 "
+                              "(as TRL)", low=0.0)
+    eval_steps: int = opt(0, "every N steps answer data.eval_prompts greedily and log eval/* metrics; 0 = off", low=0)
+    best_metric: str = opt("", "eval metric that picks RUN/best, e.g. eval/clickbait_accuracy; empty = the first "
+                           "eval function, else eval/learned_reward")
+    overoptimization_patience: int = opt(2, "warn when the learned reward rose while best_metric fell for this many "
+                                         "evaluations in a row", low=1)
+    stop_on_overoptimization: bool = opt(False, "stop (keeping RUN/best) when the over-optimisation alarm fires")
     save_steps: int = opt(0, "checkpoint every N steps; 0 = only at the end and on Ctrl-C", low=0)
     resume: bool = opt(False, "continue from the run directory's last checkpoint")
     max_nan_skips: int = opt(3, "stop after this many non-finite updates in a row", low=1)

@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +27,9 @@ from .models.loading import check_llama_family, load_base, load_tokenizer, resol
 from .memory.plan import enforce_budget, gradient_checkpointing, micro_batches, plan_recipe
 from .models.roles import RoleModel
 from .models.run_metadata import META_FILE, check_base, read_run_metadata
-from .rl.experience import Rollout
+from .rewards import Scorer
+from .rl.health import HeldOutEval
+from .rl.rollout import stop_token_ids
 from .rl.trainer import PPOTrainer
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class RunDirError(ValueError):
 
 
 def stage_outputs(run_dir: Path, stage: str) -> list[Path]:
-    names = {"sft": ["sft"], "reward": ["reward"], "ppo": ["policy", "value", "checkpoint", "metrics.jsonl"]}[stage]
+    names = {"sft": ["sft"], "reward": ["reward"], "ppo": ["policy", "value", "best", "checkpoint", "metrics.jsonl"]}[stage]
     return [run_dir / n for n in names if (run_dir / n).exists()]
 
 
@@ -67,8 +69,12 @@ def preflight(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
     if "ppo" in stages:
         table = prompt_data(cfg)
         rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)
+        rewards.load_reward_functions(cfg.rewards.eval_functions)
+        if cfg.ppo.eval_steps and cfg.data.eval_prompts:
+            data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples, name="data.eval_prompts")
         if not ("reward" in stages and cfg.reward_model.enabled):
             check_reward_model(cfg, run_dir)
+            check_reward_accuracy(cfg, run_dir)
     path = resolve_model_path(cfg.model.name)
     check_llama_family(path, cfg.model.trust_remote_code)
     if (run_dir / META_FILE).is_file():
@@ -88,36 +94,6 @@ def preflight(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
             except ckpt.CheckpointError as err:
                 raise ckpt.CheckpointError(f"{err}; cannot resume from it: restore it, or start PPO over with "
                                            f"--overwrite (without ppo.resume)") from None
-
-
-@dataclass
-class Scorer:
-    """The PPO score: rewards.learned_weight x the reward adapter + Python functions x their weights."""
-
-    model: RoleModel
-    cfg: RecipeConfig
-    prompt_texts: list[str]
-    columns: dict[str, list]
-
-    def __post_init__(self):
-        self.functions = rewards.load_reward_functions(self.cfg.rewards.functions, self.cfg.rewards.function_weights)
-
-    def __call__(self, rollout: Rollout, runner) -> torch.Tensor:
-        parts, weights = {}, {}
-        if self.cfg.rewards.learned_weight:
-            parts["learned"] = self.model.rewards(rollout.input_ids, rollout.attention_mask, runner=runner).cpu()
-            weights["learned"] = self.cfg.rewards.learned_weight
-        if self.functions:
-            rows = rollout.prompt_index.tolist()
-            tok = self.model.tokenizer
-            completions = tok.batch_decode(rollout.responses * rollout.response_mask +
-                                           tok.pad_token_id * (1 - rollout.response_mask), skip_special_tokens=True)
-            prompts = [self.prompt_texts[i] for i in rows]
-            columns = {k: [v[i] for i in rows] for k, v in self.columns.items()}
-            for spec, (fn, weight) in self.functions.items():
-                parts[spec] = rewards.call_reward_function(fn, prompts, completions, name=spec, **columns)
-                weights[spec] = weight
-        return rewards.combine_scores(parts, weights)
 
 
 def save_recipe(cfg: RecipeConfig, run_dir: Path) -> None:
@@ -177,15 +153,63 @@ def load_roles(cfg: RecipeConfig, run_dir: Path, base=None, tokenizer=None) -> R
         wanted.append("reward")
     kwargs = dict(base_name=cfg.model.name, quantization=cfg.model.quantization, roles=tuple(wanted), seed=cfg.seed)
     if (run_dir / META_FILE).is_file():
-        return RoleModel.load(base, tokenizer, run_dir, cfg.lora, **kwargs)
-    return RoleModel(base, tokenizer, cfg.lora, **kwargs)
+        model = RoleModel.load(base, tokenizer, run_dir, cfg.lora, **kwargs)
+    else:
+        model = RoleModel(base, tokenizer, cfg.lora, **kwargs)
+    fresh_critic = "value" in model.roles and not (run_dir / "value" / "adapter_config.json").is_file()
+    if fresh_critic and cfg.lora.critic_init == "reward" and "reward" in model.roles:
+        copy_role(model, "reward", "value")
+    return model
+
+
+def copy_role(model: RoleModel, source: str, target: str) -> None:
+    """Start `target`'s adapter and head as a copy of `source`'s (a critic that starts from the reward model already
+    tells good answers from bad ones: TRL's PPOv2 and OpenRLHF initialise it so). Copied in place, so
+    requires_grad and parameter identities stay as they are."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model.peft, adapter_name=source)
+    set_peft_model_state_dict(model.peft, state, adapter_name=target)  # keys carry no adapter name
+    with torch.no_grad():
+        for mine, theirs in zip(model.heads[target].parameters(), model.heads[source].parameters()):
+            mine.copy_(theirs)
+
+
+def check_reward_accuracy(cfg: RecipeConfig, run_dir: Path) -> None:
+    """reward_model.min_accuracy: refuse PPO on a reward model that ranks held-out pairs too poorly."""
+    wanted = cfg.reward_model.min_accuracy
+    if wanted is None or not cfg.rewards.learned_weight:
+        return
+    path = run_dir / "reward" / "eval.json"
+    measured = json.loads(path.read_text()).get("accuracy") if path.is_file() else None
+    if measured is None:
+        raise ConfigError(f"reward_model.min_accuracy: {wanted} needs a held-out accuracy in {path}; rerun --stage "
+                          f"reward with data.eval_fraction > 0, or set reward_model.min_accuracy=null")
+    if measured < wanted:
+        raise ConfigError(f"reward_model.min_accuracy: the reward model's held-out pairwise accuracy is "
+                          f"{measured:.3f}, below {wanted}; train it longer or on better pairs, or lower the bar")
+
+
+def held_out_evaluation(cfg: RecipeConfig, model: RoleModel, stop_ids: list[int]) -> HeldOutEval | None:
+    """ppo.eval_steps on data.eval_prompts: every reward source, the training ones and rewards.eval_functions."""
+    if not (cfg.ppo.eval_steps and cfg.data.eval_prompts):
+        return None
+    table = data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples, name="data.eval_prompts")
+    functions = {**rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights),
+                 **rewards.load_reward_functions(cfg.rewards.eval_functions)}
+    scorer = Scorer(model, cfg.rewards.learned_weight, functions, data.prompt_texts(table, model.tokenizer),
+                    {c: table[c] for c in table.column_names if c != "prompt"})
+    ids = data.encode_prompts(table, model.tokenizer, cfg.data.max_prompt_length, cfg.data.long_prompts,
+                              name="data.eval_prompts")
+    return HeldOutEval(ids, scorer, cfg.ppo.response_length, stop_ids)
 
 
 def build_trainer(cfg: RecipeConfig, run_dir: Path, model: RoleModel | None = None, **trainer_kwargs) -> PPOTrainer:
     """Everything PPO needs: roles, the memory plan and its budget, the prompts and the scorer."""
     # data and reward-function errors first: a typo must not wait for a 7B model to load
     table = prompt_data(cfg)
-    rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)
+    functions = rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)
+    check_reward_accuracy(cfg, run_dir)
     model = model or load_roles(cfg, run_dir)
     memory_plan = plan_recipe(cfg, shape=ModelShape.from_hf_config(model.causal_lm.config))
     enforce_budget(memory_plan.budget_bytes, model.device)
@@ -195,7 +219,10 @@ def build_trainer(cfg: RecipeConfig, run_dir: Path, model: RoleModel | None = No
     columns = {c: table[c] for c in table.column_names if c != "prompt"}
     log.info("memory plan:\n%s", memory_plan.table())
     trainer_kwargs.setdefault("micro_batches", micro_batches(cfg, memory_plan))
-    return PPOTrainer(model, cfg, ids, Scorer(model, cfg, texts, columns), run_dir=run_dir, **trainer_kwargs)
+    scorer = Scorer(model, cfg.rewards.learned_weight, functions, texts, columns)
+    evaluation = held_out_evaluation(cfg, model, stop_token_ids(model.tokenizer, model.causal_lm.generation_config,
+                                                                 cfg.ppo.stop_token))
+    return PPOTrainer(model, cfg, ids, scorer, run_dir=run_dir, evaluation=evaluation, **trainer_kwargs)
 
 
 def run_ppo(cfg: RecipeConfig, run_dir: Path, **trainer_kwargs) -> list[dict]:

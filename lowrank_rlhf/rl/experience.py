@@ -26,6 +26,7 @@ class Rollout:
     response_mask: torch.Tensor    # [B, R]; one up to and including the stop token
     prompt_index: torch.Tensor     # [B] rows of the prompt list
     has_stop: torch.Tensor         # [B] whether the response ended with a stop token
+    sample_index: torch.Tensor | None = None  # [B] which of the prompt's num_generations samples the row is
 
     @property
     def responses(self) -> torch.Tensor:

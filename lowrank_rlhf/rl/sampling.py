@@ -50,6 +50,12 @@ class KeyedGumbelSampler(LogitsProcessor):
         return scores.float() / self.temperature + gumbel.to(torch.float32)
 
 
-def row_keys(seed: int, step: int, prompt_index: torch.Tensor) -> torch.Tensor:
-    """One key per (run seed, PPO step, prompt row): the same row samples the same tokens in any micro-batch."""
-    return _mix(torch.as_tensor(prompt_index, dtype=torch.int64) + (seed * 1_000_033 + step) * 2_147_483_647)
+def row_keys(seed: int, step: int, prompt_index: torch.Tensor, sample_index: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """One key per (run seed, PPO step, prompt row, sample of that prompt): the same row samples the same tokens in
+    any micro-batch, and the num_generations samples of one prompt differ (sample 0 keeps the key it had before
+    there were several)."""
+    key = torch.as_tensor(prompt_index, dtype=torch.int64) + (seed * 1_000_033 + step) * 2_147_483_647
+    if sample_index is not None:
+        key = key + torch.as_tensor(sample_index, dtype=torch.int64) * 0x5851F42D4C957F2D
+    return _mix(key)

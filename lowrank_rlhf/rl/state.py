@@ -93,6 +93,16 @@ def load_adapter_weights(model: RoleModel, source: Path) -> None:
                     getattr(module, name).copy_(tensor)
 
 
+def save_best(target: Path, model: RoleModel, best: dict) -> None:
+    """RUN/best: the policy (plain PEFT) at the best held-out metric so far, and best.json saying which."""
+
+    def write(tmp: Path) -> None:
+        model.save(tmp, roles=["policy"])
+        (tmp / "best.json").write_text(json.dumps(best, indent=2))
+
+    ckpt.write_atomically(target, write, manifest=False)
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines of steps after the checkpoint: a kill between a step's log line and its checkpoint would
     otherwise leave that step twice in metrics.jsonl after the resume."""

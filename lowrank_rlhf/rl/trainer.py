@@ -29,10 +29,11 @@ from ..models.roles import RoleModel
 from . import state as run_state
 from .decoding import StaticDecoder
 from .experience import Experience, Rollout, TrainBatch
+from .health import HeldOutEval, OveroptimizationAlarm, best_metric_name
 from .ppo import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits, gae, masked_mean,
                   masked_whiten, policy_loss, token_rewards, value_loss)
 from .reporting import MetricsLog
-from .rollout import sample_rollout
+from .rollout import sample_rollout, stop_token_ids
 from .sampling import row_keys
 from .scoring import Scorer, score_rollout
 from .timing import PhaseClock
@@ -50,7 +51,8 @@ class PPOTrainer:
     def __init__(self, model: RoleModel, cfg: RecipeConfig, prompts: list[list[int]], scorer: Scorer,
                  run_dir: str | Path | None = None, micro_batches: dict | None = None,
                  oom_injection: dict | None = None, force_response_length: bool = False,
-                 show_progress: bool = True, on_step: Callable[[dict], None] | None = None):
+                 show_progress: bool = True, on_step: Callable[[dict], None] | None = None,
+                 evaluation: HeldOutEval | None = None):
         if not prompts:
             raise ConfigError("data.prompts: PPO needs at least one prompt")
         self.model, self.cfg, self.ppo = model, cfg, cfg.ppo
@@ -59,18 +61,22 @@ class PPOTrainer:
         self.force_response_length = force_response_length
         self.show_progress, self.on_step = show_progress, on_step
         self.state = PartialState()
-        if self.ppo.rollout_batch_size % self.ppo.num_mini_batches:
-            raise ConfigError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be divisible by "
-                              f"ppo.num_mini_batches ({self.ppo.num_mini_batches})")
+        for key in ("num_mini_batches", "num_generations"):
+            if self.ppo.rollout_batch_size % getattr(self.ppo, key):
+                raise ConfigError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be divisible by "
+                                  f"ppo.{key} ({getattr(self.ppo, key)})")
+        self.stop_ids = stop_token_ids(model.tokenizer, model.causal_lm.generation_config, self.ppo.stop_token)
         micro_batches, oom_injection = micro_batches or {}, oom_injection or {}
         self.runners = {p: MicroBatchRunner(p, micro_batches.get(p, self.ppo.rollout_batch_size),
                                             inject_oom_above=oom_injection.get(p)) for p in PHASES}
-        self.policy_params = model.role_parameters("policy")
-        self.value_params = [] if model.critic == "shared" else model.role_parameters("value")
+        # The value head trains at value_learning_rate also when it sits on the policy adapter (critic: shared).
+        head = list(model.heads["value"].parameters()) if "value" in model.heads else []
+        self.policy_params = [p for p in model.role_parameters("policy") if all(p is not h for h in head)]
+        self.value_params = head if model.critic == "shared" else model.role_parameters("value")
         groups = [{"params": self.policy_params, "lr": self.ppo.learning_rate}]
         if self.value_params:
             groups.append({"params": self.value_params, "lr": self.ppo.value_learning_rate})
-        self.optimizer = torch.optim.AdamW(groups, eps=1e-5)
+        self.optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=self.ppo.weight_decay)
         updates = self.ppo.total_steps * self.ppo.num_ppo_epochs * self.ppo.num_mini_batches
         self.scheduler = get_scheduler(self.ppo.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
                                        num_training_steps=updates)
@@ -81,6 +87,11 @@ class PPOTrainer:
                         if self.ppo.decode != "generate" else None)
         self.clock = PhaseClock(model.device)
         self.metrics_log = MetricsLog(self.run_dir, self.ppo.report_to, to_dict(cfg))
+        self.evaluation = evaluation
+        if evaluation is not None:
+            self.best_metric = best_metric_name(self.ppo.best_metric, evaluation)
+            self.alarm = OveroptimizationAlarm(self.best_metric, self.ppo.overoptimization_patience)
+        self.best: dict | None = None  # {"step", "metric", "value"} of RUN/best
         self.step = 0
         self.nan_skips = 0
         self.order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
@@ -96,6 +107,8 @@ class PPOTrainer:
         on_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if on_main_thread else None
         try:
+            if self.step == 0 and self._evaluation_due():
+                self.log_metrics(self.evaluate())
             while self.step < self.ppo.total_steps:
                 metrics = self.train_step()
                 history.append(metrics)
@@ -104,6 +117,8 @@ class PPOTrainer:
                 if self._interrupted:
                     self.save_checkpoint()
                     raise KeyboardInterrupt
+                if self._stop_for_overoptimization(metrics):
+                    break
                 if self.ppo.save_steps and self.step % self.ppo.save_steps == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
@@ -118,6 +133,7 @@ class PPOTrainer:
     def train_step(self) -> dict:
         """One PPO step."""
         ppo = self.ppo
+        self.clock.last.clear()
         # 1. Rollout: this step's prompts, one response each, sampled from the policy adapter.
         with self.clock.phase("generate"):
             rollout = self.rollout()
@@ -135,22 +151,26 @@ class PPOTrainer:
         metrics = self.metrics(exp, updates)
         self.kl_ctl.update(metrics["objective/kl"], len(rollout) * self.state.num_processes)
         metrics["kl_coef"] = self.kl_ctl.value  # the coefficient the next step uses
+        # 6. Every eval_steps: the held-out prompts, answered greedily and scored by every source (health.py).
+        if self._evaluation_due():
+            metrics.update(self.evaluate())
         self.log_metrics(metrics)
         return metrics
 
-    def prompt_indices(self, step: int) -> torch.Tensor:
-        """This rank's prompt rows for `step`: a fixed shuffle, walked in order, disjoint across ranks."""
-        b, n = self.ppo.rollout_batch_size, len(self.prompts)
+    def prompt_indices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows for `step` as (prompt index, sample index): prompts from a fixed shuffle, walked in
+        order, disjoint across ranks; each prompt num_generations times in a row, samples 0..G-1."""
+        g = self.ppo.num_generations
+        b, n = self.ppo.rollout_batch_size // g, len(self.prompts)
         first = (step * self.state.num_processes + self.state.process_index) * b
-        return self.order[torch.arange(first, first + b) % n]
+        prompts = self.order[torch.arange(first, first + b) % n]
+        return prompts.repeat_interleave(g), torch.arange(g).repeat(b)
 
     def rollout(self) -> Rollout:
-        index = self.prompt_indices(self.step)
-        tok = self.model.tokenizer
-        return sample_rollout(self.model, self.prompts, index, row_keys(self.cfg.seed, self.step, index),
+        index, sample = self.prompt_indices(self.step)
+        return sample_rollout(self.model, self.prompts, index, row_keys(self.cfg.seed, self.step, index, sample),
                               self.runners["generate"], self.ppo.response_length, self.ppo.temperature,
-                              tok.eos_token_id if self.ppo.stop_token == "eos" else None, self.decoder,
-                              self.force_response_length)
+                              self.stop_ids, self.decoder, self.force_response_length, sample_index=sample)
 
     def score(self, rollout: Rollout) -> Experience:
         return score_rollout(self.model, rollout, self.scorer, self.runners["score"], self.ppo, self.score_moments)
@@ -227,7 +247,8 @@ class PPOTrainer:
         vf_loss, vf_stats = value_loss(values, batch.old_values, batch.returns, batch.response_mask,
                                        ppo.cliprange_value)
         if shared:
-            grads = torch.autograd.grad((pg_loss + ppo.vf_coef * vf_loss) * weight, self.policy_params)
+            grads = torch.autograd.grad((pg_loss + ppo.vf_coef * vf_loss) * weight,
+                                        self.policy_params + self.value_params)
         else:
             grads = policy_grads + torch.autograd.grad(ppo.vf_coef * vf_loss * weight, self.value_params)
         for param, grad in zip(self.policy_params + self.value_params, grads):
@@ -246,6 +267,31 @@ class PPOTrainer:
             return
         for param in self.policy_params + self.value_params:
             param.grad = reduce(param.grad if param.grad is not None else torch.zeros_like(param), "mean")
+
+    # ================================================================================== health
+    def _evaluation_due(self) -> bool:
+        return self.evaluation is not None and self.ppo.eval_steps > 0 and self.step % self.ppo.eval_steps == 0
+
+    def evaluate(self) -> dict:
+        """eval/* metrics of the current policy; keeps RUN/best when the best metric improved."""
+        with self.clock.phase("eval"):
+            metrics = self.evaluation.run(self.model, self.runners["generate"])
+        metrics["time/eval_s"] = self.clock.last["eval"].time_s
+        value = metrics.get(self.best_metric)
+        if value is not None and (self.best is None or value > self.best["value"]):
+            self.best = {"step": self.step, "metric": self.best_metric, "value": value}
+            if self.state.is_main_process:
+                run_state.save_best(self.run_dir / "best", self.model, self.best)
+        return {"step": self.step, **metrics}
+
+    def _stop_for_overoptimization(self, metrics: dict) -> bool:
+        """The alarm: one warning line; a stop when ppo.stop_on_overoptimization is on (RUN/best stays)."""
+        if self.evaluation is None or "eval/top_answer_share" not in metrics or not self.alarm.update(metrics):
+            return False
+        log.warning("over-optimisation: the learned reward rose while %s fell for %d evaluations in a row (step %d)"
+                    "%s", self.best_metric, self.alarm.patience, self.step,
+                    "; stopping, the best policy is in RUN/best" if self.ppo.stop_on_overoptimization else "")
+        return self.ppo.stop_on_overoptimization
 
     # ================================================================================== metrics
     def metrics(self, exp: Experience, updates: list[dict[str, torch.Tensor]]) -> dict:
@@ -301,7 +347,8 @@ class PPOTrainer:
         if self.state.is_main_process:
             run_state.save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, {
                 "step": self.step, "nan_skips": self.nan_skips, "kl_ctl": self.kl_ctl.state_dict(),
-                "score_moments": self.score_moments.state_dict(),
+                "score_moments": self.score_moments.state_dict(), "best": self.best,
+                "alarm": self.alarm.state_dict() if self.evaluation is not None else None,
                 "micro_batches": {p: r.micro_batch for p, r in self.runners.items()}})
 
     def resume(self) -> bool:
@@ -314,6 +361,9 @@ class PPOTrainer:
         self.step, self.nan_skips = counters["step"], counters["nan_skips"]
         self.kl_ctl.load_state_dict(counters["kl_ctl"])
         self.score_moments.load_state_dict(counters["score_moments"])
+        self.best = counters.get("best")
+        if self.evaluation is not None and counters.get("alarm"):
+            self.alarm.load_state_dict(counters["alarm"])
         if self.state.is_main_process:
             run_state.truncate_metrics(self.metrics_log.path, self.step)
         for phase, size in counters["micro_batches"].items():

@@ -1,0 +1,88 @@
+"""RL health while training: is the policy getting better on data it never trained on, or only at pleasing the
+reward model?
+
+Every `ppo.eval_steps` the held-out prompts (data.eval_prompts) are answered greedily and scored by every reward
+source one by one: the learned reward, each configured reward function (the training ones and
+`rewards.eval_functions`), and the share of the most frequent answer (collapse onto one answer shows up there
+first). `ppo.best_metric` picks RUN/best. The over-optimisation alarm fires when the learned reward rose while the
+best metric fell for `ppo.overoptimization_patience` evaluations in a row: the reward is being hacked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data import normalize_answer
+from ..memory.runner import MicroBatchRunner
+from ..rewards import Scorer, short_name
+from .rollout import sample_rollout
+
+LEARNED = "eval/learned_reward"
+
+
+@dataclass
+class HeldOutEval:
+    prompts: list[list[int]]      # token ids of the held-out prompts
+    scorer: Scorer                # every source: learned reward, training and eval-only functions
+    response_length: int
+    stop_ids: list[int]
+
+    def metric_names(self) -> list[str]:
+        names = [LEARNED] if self.scorer.learned_weight else []
+        return names + [f"eval/{short_name(spec)}" for spec in self.scorer.functions]
+
+    @torch.no_grad()
+    def run(self, model, runner: MicroBatchRunner) -> dict[str, float]:
+        index = torch.arange(len(self.prompts))
+        rollout = sample_rollout(model, self.prompts, index, None, runner, self.response_length, 1.0,
+                                 self.stop_ids)
+        parts = self.scorer.parts(rollout, runner)
+        metrics = {(LEARNED if name == "learned" else f"eval/{short_name(name)}"): float(v.float().mean())
+                   for name, v in parts.items()}
+        answers = Counter(normalize_answer(text) for text in self.scorer.completions(rollout))
+        metrics["eval/top_answer_share"] = answers.most_common(1)[0][1] / len(self.prompts)
+        metrics["eval/response_length"] = float(rollout.response_mask.float().sum(1).mean())
+        return metrics
+
+
+def best_metric_name(configured: str, evaluation: HeldOutEval) -> str:
+    """ppo.best_metric, or the first eval function (a verifiable metric), or the learned reward."""
+    names = evaluation.metric_names()
+    if configured:
+        if configured not in names + ["eval/top_answer_share"]:
+            from ..config import ConfigError
+
+            raise ConfigError(f"ppo.best_metric: {configured!r} is not an eval metric of this run; allowed values: "
+                              f"{', '.join(names)}")
+        return configured
+    functions = [n for n in names if n != LEARNED]
+    return functions[0] if functions else LEARNED
+
+
+@dataclass
+class OveroptimizationAlarm:
+    """Counts evaluations in a row where the learned reward rose while the watched metric fell."""
+
+    metric: str
+    patience: int
+    streak: int = 0
+    previous: dict = field(default_factory=dict)
+
+    def update(self, metrics: dict) -> bool:
+        """True when this evaluation completes `patience` such evaluations in a row."""
+        if LEARNED not in metrics or self.metric == LEARNED or self.metric not in metrics:
+            return False
+        if self.previous:
+            hacked = (metrics[LEARNED] > self.previous[LEARNED] and metrics[self.metric] < self.previous[self.metric])
+            self.streak = self.streak + 1 if hacked else 0
+        self.previous = {LEARNED: metrics[LEARNED], self.metric: metrics[self.metric]}
+        return self.streak == self.patience
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "previous": self.previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.previous = state["streak"], state["previous"]
