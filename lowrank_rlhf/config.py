@@ -152,9 +152,9 @@ class PPOConfig:
                               "(as TRL)", low=0.0)
     eval_steps: int = opt(0, "every N steps answer data.eval_prompts greedily and log eval/* metrics; 0 = off", low=0)
     best_metric: str = opt("", "eval metric that picks RUN/best, e.g. eval/clickbait_accuracy; empty = the first "
-                           "eval function, else eval/learned_reward")
-    overoptimization_patience: int = opt(2, "warn when the learned reward rose while best_metric fell for this many "
-                                         "evaluations in a row", low=1)
+                           "reward function, else eval/score")
+    overoptimization_patience: int = opt(2, "warn when eval/score (what PPO maximises) rose while best_metric fell "
+                                         "for this many evaluations in a row", low=1)
     stop_on_overoptimization: bool = opt(False, "stop (keeping RUN/best) when the over-optimisation alarm fires")
     save_steps: int = opt(0, "checkpoint every N steps; 0 = only at the end and on Ctrl-C", low=0)
     resume: bool = opt(False, "continue from the run directory's last checkpoint")
@@ -213,6 +213,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _check_range(value: Any, meta: dict, where: str) -> None:
     choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+    if value is None:  # an optional setting left off (null): nothing to check
+        return
     if choices and value not in choices:
         raise ConfigError(f"{where}: {value!r} is not allowed; allowed values: {', '.join(map(str, choices))}")
     if low is not None and value < low or high is not None and value > high:

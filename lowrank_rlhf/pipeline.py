@@ -195,8 +195,10 @@ def held_out_evaluation(cfg: RecipeConfig, model: RoleModel, stop_ids: list[int]
     if not (cfg.ppo.eval_steps and cfg.data.eval_prompts):
         return None
     table = data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples, name="data.eval_prompts")
-    functions = {**rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights),
-                 **rewards.load_reward_functions(cfg.rewards.eval_functions)}
+    # eval-only functions weigh 0: reported one by one, never part of eval/score (unless also a training function)
+    eval_only = cfg.rewards.eval_functions
+    functions = {**rewards.load_reward_functions(eval_only, [0.0] * len(eval_only)),
+                 **rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)}
     scorer = Scorer(model, cfg.rewards.learned_weight, functions, data.prompt_texts(table, model.tokenizer),
                     {c: table[c] for c in table.column_names if c != "prompt"})
     ids = data.encode_prompts(table, model.tokenizer, cfg.data.max_prompt_length, cfg.data.long_prompts,

@@ -288,8 +288,8 @@ class PPOTrainer:
         """The alarm: one warning line; a stop when ppo.stop_on_overoptimization is on (RUN/best stays)."""
         if self.evaluation is None or "eval/top_answer_share" not in metrics or not self.alarm.update(metrics):
             return False
-        log.warning("over-optimisation: the learned reward rose while %s fell for %d evaluations in a row (step %d)"
-                    "%s", self.best_metric, self.alarm.patience, self.step,
+        log.warning("over-optimisation: eval/score is above and %s below their values at its best (step %d) for %d "
+                    "evaluations in a row (step %d)%s", self.best_metric, self.best["step"], self.alarm.patience, self.step,
                     "; stopping, the best policy is in RUN/best" if self.ppo.stop_on_overoptimization else "")
         return self.ppo.stop_on_overoptimization
 
