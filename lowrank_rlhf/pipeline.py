@@ -137,7 +137,9 @@ def run_reward(cfg: RecipeConfig, run_dir: Path) -> dict:
 
     pairs = preference_data(cfg)
     train, held_out = data.holdout_split(pairs, cfg.data.eval_fraction, cfg.seed)
-    return train_reward(cfg, train, run_dir, eval_dataset=held_out)
+    prompts = (data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples, name="data.eval_prompts")
+               if cfg.data.eval_prompts else None)
+    return train_reward(cfg, train, run_dir, eval_dataset=held_out, eval_prompts=prompts)
 
 
 def load_roles(cfg: RecipeConfig, run_dir: Path, base=None, tokenizer=None) -> RoleModel:

@@ -178,9 +178,9 @@ def test_bundled_files_have_the_right_columns_and_sizes():
     prompts = load_prompts("bundled:clickbait_prompts")
     held = load_prompts("bundled:clickbait_heldout", name="data.eval_prompts")
     assert sft.column_names == ["prompt", "completion"]
-    assert prefs.column_names == ["prompt", "chosen", "rejected"]
+    assert prefs.column_names == ["prompt", "chosen", "rejected", "kind"]
     assert prompts.column_names == held.column_names == ["prompt", "label"]
-    assert len(sft) == len(prefs) == len(prompts) == 240 and len(held) == 60
+    assert len(sft) == len(prompts) == 240 and len(prefs) == 360 and len(held) == 60
     row = sft[0]
     assert row["prompt"][0]["role"] == "user" and row["completion"][0] == {"role": "assistant",
                                                                              "content": row["completion"][0]["content"]}
@@ -211,23 +211,26 @@ def test_heldout_is_disjoint_and_both_splits_have_both_labels():
 
 
 def test_preferences_reject_wrong_labels_and_rambling():
+    """Every training headline has a label pair (so a headline-blind ranking scores 50 % on them), balanced by
+    label; format pairs (rambling) come in addition, also balanced."""
     prefs = load_preferences("bundled:clickbait_preferences")
-    wrong = rambling = 0
-    for chosen, rejected in zip(prefs["chosen"], prefs["rejected"]):
+    counts = {}
+    for chosen, rejected, kind in zip(prefs["chosen"], prefs["rejected"], prefs["kind"]):
         good, bad = chosen[0]["content"], rejected[0]["content"]
         assert good in ("yes", "no") and bad != good
-        if bad in ("yes", "no"):
-            wrong += 1
-        else:
-            rambling += 1
+        assert kind == ("label" if bad in ("yes", "no") else "format")
+        if kind == "format":
             assert len(bad.split()) > 3
-    assert wrong == rambling == 120
+        counts[kind, good] = counts.get((kind, good), 0) + 1
+    assert counts == {("label", "yes"): 120, ("label", "no"): 120, ("format", "yes"): 60, ("format", "no"): 60}
+    label_heads = {headline(p) for p, k in zip(prefs["prompt"], prefs["kind"]) if k == "label"}
+    assert label_heads == {headline(p) for p in load_prompts("bundled:clickbait_prompts")["prompt"]}
     assert len({r[0]["content"] for r in prefs["rejected"]}) > 10  # varied rambling
 
 
 def test_bundled_files_match_their_generator(tmp_path):
     counts = D.write_clickbait_files(tmp_path)
-    assert counts == {"clickbait_sft": 240, "clickbait_preferences": 240, "clickbait_prompts": 240,
+    assert counts == {"clickbait_sft": 240, "clickbait_preferences": 360, "clickbait_prompts": 240,
                       "clickbait_heldout": 60}
     for stem in counts:
         assert (tmp_path / f"{stem}.jsonl").read_text() == (D.BUNDLED_DIR / f"{stem}.jsonl").read_text(), stem

@@ -1,6 +1,7 @@
 """SFT and reward stages on tiny-llama in 4-bit on CPU: they train, save plain PEFT adapters + our head format, and
 what PPO loads (RoleModel) reproduces what TRL trained."""
 
+import copy
 import json
 import socket
 
@@ -238,7 +239,7 @@ def test_policy_starts_as_sft_with_zero_kl(sft_run, run_dir):
 def reward_run(sft_run, run_dir):
     """The stage's building blocks, so the test can compare TRL's trained model with what RoleModel loads."""
     cfg, _ = sft_run
-    trainer = stages.reward_trainer(cfg, toy_pairs(16), run_dir / "scratch-reward")
+    trainer = stages.reward_trainer(cfg, toy_pairs(16), run_dir / "scratch-reward", run_dir)  # starts from sft
     trainable = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
     result = trainer.train()
     stages.save_reward(trainer, cfg, run_dir)
@@ -292,10 +293,56 @@ def test_role_model_reward_equals_trl_score(reward_run, run_dir):
 
 def test_train_reward_separates_a_toy_preference_set(tmp_path):
     cfg = recipe()
-    metrics = stages.train_reward(cfg, toy_pairs(32), tmp_path, eval_dataset=toy_pairs(16, offset=100))
+    held = datasets.Dataset.from_list([{**row, "kind": "format"} for row in toy_pairs(16, offset=100)])
+    metrics = stages.train_reward(cfg, toy_pairs(32), tmp_path, eval_dataset=held)
+    saved = json.loads((tmp_path / "reward" / "eval.json").read_text())
+    assert saved["accuracy"] == metrics["eval_accuracy"] and saved["format"]["pairs"] == 16
     assert isinstance(metrics["eval_accuracy"], float) and 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert metrics["eval_accuracy"] >= 0.9
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     assert metrics["steps"] == 20 and metrics["eval_pairs"] == 16 and metrics["seconds"] > 0
     assert (tmp_path / "reward" / "reward_head.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch dirs are cleaned up
+
+
+def test_reward_init_sft_starts_from_the_sft_adapter(sft_run, run_dir):
+    """reward_model.init=sft (the default): the reward adapter's LoRA weights start as RUN/sft's exactly (TRL's bf16
+    round trip undone), the score head is trainable and fresh; the saved adapter loads as the causal `reward`."""
+    cfg, _ = sft_run
+    cfg = copy.deepcopy(cfg)
+    cfg.reward_model.max_steps = 2
+    assert cfg.reward_model.init == "sft"
+    trainer = stages.reward_trainer(cfg, toy_pairs(16), run_dir / "scratch-reward-sft", run_dir)
+    sft = load_file(str(run_dir / "sft" / "adapter_model.safetensors"))
+    start = {k.replace(".default", ""): v for k, v in peft.get_peft_model_state_dict(trainer.model).items()
+             if "lora_" in k}
+    assert set(start) == set(sft) and all(torch.equal(start[k], sft[k]) for k in sft)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    trainer.train()
+    stages.save_reward(trainer, cfg, run_dir / "reward-from-sft")
+    weights = load_file(str(run_dir / "reward-from-sft" / "reward" / "adapter_model.safetensors"))
+    assert set(weights) == set(sft) and not all(torch.equal(weights[k], sft[k]) for k in sft)
+    fresh = copy.deepcopy(cfg)
+    fresh.reward_model.init = "fresh"
+    trainer = stages.reward_trainer(fresh, toy_pairs(16), run_dir / "scratch-reward-fresh", run_dir)
+    start = {k.replace(".default", ""): v for k, v in peft.get_peft_model_state_dict(trainer.model).items()
+             if "lora_B" in k}
+    assert all(not v.any() for v in start.values())  # a fresh LoRA adapter: B = 0
+
+
+def test_pairwise_stats_per_kind_and_answer_dependence(reward_run, run_dir):
+    cfg, _, _, _ = reward_run
+    model = load_roles(cfg, run_dir, roles=("policy", "reward"))
+    pairs = datasets.Dataset.from_list([{"prompt": f"q{i}", "chosen": "yes", "rejected": RAMBLE if i % 2 else "no",
+                                         "kind": "format" if i % 2 else "label"} for i in range(6)])
+    stats = stages.pairwise_stats(model, pairs, 128)
+    assert stats["pairs"] == 6 and stats["label"]["pairs"] == stats["format"]["pairs"] == 3
+    assert stats["format"]["accuracy"] == 1.0 and stats["format"]["margin"] > 0  # the toy reward rejects rambling
+    assert stats["accuracy"] == pytest.approx((3 * stats["format"]["accuracy"] + 3 * stats["label"]["accuracy"]) / 6)
+    prompts = datasets.Dataset.from_list([{"prompt": f"q{i}", "label": "yes" if i % 2 else "no"} for i in range(4)])
+    dep = stages.answer_dependence(model, prompts)
+    # the toy reward prefers "yes" whatever the prompt: the gap has the same sign for both labels
+    assert dep["gap_yes"] > 0 and dep["gap_no"] > 0 and dep["reads_prompt"] is False
+    assert 0.0 <= dep["label_accuracy"] <= 1.0

@@ -16,6 +16,7 @@ CLICKBAIT_PROMPT = "Is this headline clickbait? Answer yes or no.\nHeadline: {he
 CLICKBAIT_SOURCE = "clickbait_headlines"  # {"headline", "label"} rows: the one hand-written source of the others
 CLICKBAIT_FILES = ("clickbait_sft", "clickbait_preferences", "clickbait_prompts", "clickbait_heldout")
 HELDOUT_EVERY = 5  # every 5th headline of each label is held out: 20 %, balanced
+FORMAT_PAIR_EVERY = 2  # every 2nd training headline of each label also gets a format pair
 
 # Rejected answers for the preference pairs that are not simply the wrong label: hedging, refusing to commit, or
 # the right answer buried in extra words, so the reward model learns "exactly yes or no", not only "correct".
@@ -50,8 +51,10 @@ def build_clickbait_rows(headlines: Iterable[dict]) -> dict[str, list[dict]]:
     """From {"headline", "label"} rows to the four bundled tables, deterministically.
 
     Split: within each label, every HELDOUT_EVERY-th headline (in source order) is held out. Order: rows are sorted
-    by the SHA-1 of the headline, which mixes the labels. Preferences: even rows reject the wrong label, odd rows a
-    rambling answer (RAMBLING_ANSWERS in turn)."""
+    by the SHA-1 of the headline, which mixes the labels. Preferences: every training headline gets a "label" pair
+    (the right label over the wrong one), so a reward model that ignores the headline cannot rank these pairs
+    better than chance; every FORMAT_PAIR_EVERY-th headline of each label also gets a "format" pair (the right label
+    over a rambling answer, RAMBLING_ANSWERS in turn). The `kind` column says which."""
     seen: set[str] = set()
     per_label = {"yes": 0, "no": 0}
     train, heldout = [], []
@@ -71,15 +74,20 @@ def build_clickbait_rows(headlines: Iterable[dict]) -> dict[str, list[dict]]:
         return [{"role": "assistant", "content": text}]
 
     sft, prefs, prompts = [], [], []
-    for i, (headline, label) in enumerate(train):
+    seen_per_label = {"yes": 0, "no": 0}
+    n_format = 0
+    for headline, label in train:
         prompt = clickbait_prompt(headline)
         sft.append({"prompt": prompt, "completion": assistant(label)})
-        if i % 2 == 0:
-            rejected = "no" if label == "yes" else "yes"
-        else:
-            rejected = RAMBLING_ANSWERS[(i // 2) % len(RAMBLING_ANSWERS)].format(answer=label,
+        wrong = "no" if label == "yes" else "yes"
+        prefs.append({"prompt": prompt, "chosen": assistant(label), "rejected": assistant(wrong), "kind": "label"})
+        if seen_per_label[label] % FORMAT_PAIR_EVERY == 0:  # balanced by label
+            rambling = RAMBLING_ANSWERS[n_format % len(RAMBLING_ANSWERS)].format(answer=label,
                                                                                  Answer=label.capitalize())
-        prefs.append({"prompt": prompt, "chosen": assistant(label), "rejected": assistant(rejected)})
+            prefs.append({"prompt": prompt, "chosen": assistant(label), "rejected": assistant(rambling),
+                          "kind": "format"})
+            n_format += 1
+        seen_per_label[label] += 1
         prompts.append({"prompt": prompt, "label": label})
     held = [{"prompt": clickbait_prompt(h), "label": label} for h, label in heldout]
     return dict(zip(CLICKBAIT_FILES, (sft, prefs, prompts, held)))

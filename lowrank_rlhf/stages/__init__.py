@@ -9,12 +9,12 @@ Prompts and answers are encoded by data.chat, the one chat encoding PPO uses too
 """
 
 from .common import free, train_and_save, trainer_kwargs, update_run_metadata
-from .reward import (evaluate_reward, pairwise_accuracy, pooling_pad_id, preference_ids, reward_trainer,
-                     save_reward, score_sequences, train_reward)
+from .reward import (answer_dependence, evaluate_reward, pairwise_stats, pooling_pad_id, preference_ids,
+                     reward_trainer, save_reward, score_sequences, train_reward)
 from .sft import save_sft, sft_examples, sft_trainer, train_sft
 
 __all__ = [
-    "evaluate_reward", "free", "pairwise_accuracy", "pooling_pad_id", "preference_ids", "reward_trainer",
-    "save_reward", "save_sft", "score_sequences", "sft_examples", "sft_trainer", "train_and_save", "train_reward",
+    "answer_dependence", "evaluate_reward", "free", "pairwise_stats", "pooling_pad_id", "preference_ids",
+    "reward_trainer", "save_reward", "save_sft", "score_sequences", "sft_examples", "sft_trainer", "train_and_save", "train_reward",
     "train_sft", "trainer_kwargs", "update_run_metadata",
 ]
