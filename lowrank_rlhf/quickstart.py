@@ -21,7 +21,8 @@ from .config import RecipeConfig, load_recipe
 from .pipeline import load_roles, run_stages
 from .models.roles import BASE, REFERENCE, RoleModel
 from .recipes import recipe_path
-from .rl.rollout import response_mask as rollout_response_mask
+from .memory.runner import MicroBatchRunner
+from .rl.rollout import sample_rollout, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,17 @@ def quickstart_recipe(smoke: bool = False, run_dir: str | Path = "runs/quickstar
 @torch.no_grad()
 def evaluate(model: RoleModel, role: str, prompts: list[list[int]], texts: list[str], labels: list[str],
              max_new_tokens: int = 6) -> dict:
-    """Greedy answers under `role`, their learned reward, and the independent checks (format, accuracy)."""
+    """Greedy answers under `role` (the rollout's own path: same stop tokens, none of the model's generation
+    settings), their learned reward, and the independent checks (format, accuracy)."""
     tok = model.tokenizer
-    ids, mask = data.left_pad(prompts, tok.pad_token_id)
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    out = model.generate(role, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tok.eos_token_id)
-    responses = out[:, ids.shape[1]:]
-    response_mask, _ = rollout_response_mask(responses, tok.eos_token_id)
+    stops = stop_token_ids(tok, model.causal_lm.generation_config, ["eos"])
+    rollout = sample_rollout(model, prompts, torch.arange(len(prompts)), None, MicroBatchRunner("generate", 16),
+                             max_new_tokens, 1.0, stops, role=role)
     reward = None
     if "reward" in model.roles:
-        reward = model.rewards(torch.cat([ids, responses], 1), torch.cat([mask, response_mask], 1),
-                               micro_batch=16).mean().item()
-    answers = tok.batch_decode(responses * response_mask + tok.pad_token_id * (1 - response_mask),
-                               skip_special_tokens=True)
+        reward = model.rewards(rollout.input_ids, rollout.attention_mask, micro_batch=16).mean().item()
+    kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
+    answers = tok.batch_decode(kept, skip_special_tokens=True)
     normalized = [data.normalize_answer(a) for a in answers]
     exact = [a in ("yes", "no") for a in normalized]
     correct = [a == label for a, label in zip(normalized, labels)]
@@ -62,17 +60,25 @@ def evaluate(model: RoleModel, role: str, prompts: list[list[int]], texts: list[
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:
+    """Score and KL per PPO step, and the held-out health metrics (eval/*) where the run evaluated."""
     # A bare Figure needs no pyplot backend, so a notebook's inline plotting is left alone.
     from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
-    fig = Figure(figsize=(9, 3.2))
-    axes = fig.subplots(1, 2)
-    axes[0].plot(steps, [r["objective/scores"] for r in rows], marker="o")
-    axes[0].set(title="score (learned reward)", xlabel="PPO step")
-    axes[1].plot(steps, [r["objective/kl"] for r in rows], marker="o", color="tab:red")
+    steps = [r for r in rows if "objective/scores" in r]
+    evals = [r for r in rows if "eval/score" in r]
+    fig = Figure(figsize=(13.5 if evals else 9, 3.2))
+    axes = fig.subplots(1, 3 if evals else 2)
+    axes[0].plot([r["step"] for r in steps], [r["objective/scores"] for r in steps], marker="o")
+    axes[0].set(title="score (PPO's reward)", xlabel="PPO step")
+    axes[1].plot([r["step"] for r in steps], [r["objective/kl"] for r in steps], marker="o", color="tab:red")
     axes[1].set(title="KL(policy || sft)", xlabel="PPO step")
+    if evals:
+        for key in sorted({k for r in evals for k in r if k.startswith("eval/")} - {"eval/response_length"}):
+            axes[2].plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], marker="o",
+                         label=key[len("eval/"):])
+        axes[2].set(title="held-out prompts (greedy)", xlabel="PPO step")
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
 
@@ -84,6 +90,22 @@ def format_table(results: dict) -> str:
         rows.append((name, reward, f"{r['exact_yes_no']:.0%}", f"{r['accuracy']:.0%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def format_reward_eval(evaluation: dict) -> str:
+    """The reward model's held-out report (RUN/reward/eval.json) in a few lines."""
+    if not evaluation:
+        return "reward model: no held-out evaluation"
+    lines = [f"reward model, held-out pairs: accuracy {evaluation['accuracy']:.0%}, margin {evaluation['margin']:+.2f}"
+             f" ({evaluation['pairs']} pairs)"]
+    for kind in sorted(k for k, v in evaluation.items() if isinstance(v, dict) and "accuracy" in v):
+        v = evaluation[kind]
+        lines.append(f"  {kind:>6} pairs: accuracy {v['accuracy']:.0%}, margin {v['margin']:+.2f} ({v['pairs']})")
+    dep = evaluation.get("yes_minus_no")
+    if dep:
+        lines.append(f"  r(yes) - r(no): {dep['gap_yes']:+.2f} on yes-labelled, {dep['gap_no']:+.2f} on no-labelled "
+                     f"held-out headlines ({'reads the headline' if dep['reads_prompt'] else 'IGNORES the headline'})")
+    return "\n".join(lines)
 
 
 def run_quickstart(output_dir: Path = Path("runs/quickstart"), smoke: bool = False, overwrite: bool = False,
@@ -109,11 +131,13 @@ def run_quickstart(output_dir: Path = Path("runs/quickstart"), smoke: bool = Fal
         answers = " | ".join(repr(results[k]["answers"][i].strip()[:40]) for k in results)
         print(f"  [{labels[i]:>3}] {headlines[i][:60]:<60}  {answers}")
     table = format_table(results)
-    print("\n" + table)
+    eval_path = run_dir / "reward" / "eval.json"
+    reward_eval = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+    print("\n" + format_reward_eval(reward_eval) + "\n\n" + table)
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     report = {"smoke": smoke, "seconds": round(time.perf_counter() - started, 1),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch_threads": torch.get_num_threads(), "held_out": len(texts),
+              "torch_threads": torch.get_num_threads(), "held_out": len(texts), "reward_model": reward_eval,
               "results": {k: {m: v for m, v in r.items() if m != "prompts"} for k, r in results.items()}}
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     print(f"\nreport: {run_dir / 'report.json'}   curves: {run_dir / 'curves.png'}   ({report['seconds']} s)")
