@@ -1,0 +1,265 @@
+"""The bundled text-to-SQL task: small SQLite databases built by code, questions with gold SQL, and the four
+committed tables derived from them by `write_text2sql_files` (a test checks the files match this module).
+
+Databases (`db_id`): `events` is the seed article's table exactly (event_id, timestamp, user_id, rpc_method);
+`shop` (customers, orders) and `library` (authors, books) give joins. Rows come from a seeded RNG, so the same
+code always builds the same database; `database_script(db_id)` is that database as SQL.
+
+Dates: every timestamp lies before REFERENCE_DATE, and the prompt states it ("-- Today is ..."). The reward pins
+SQLite's 'now' to it as well (sql_reward.py), so "the last week" means the same rows in every year.
+
+Split: each question template has several phrasings; the last one is held out. Its value combinations (method x
+window, city, ...) are split by a hash as well, so a held-out question pairs an unseen phrasing with values the
+training set never asked about together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+from itertools import product
+from pathlib import Path
+
+from .errors import DataError
+from .tables import BUNDLED_DIR
+
+REFERENCE_DATE = "2024-03-15"  # "today" for every question; all rows are older
+TEXT2SQL_FILES = ("text2sql_sft", "text2sql_prompts", "text2sql_heldout")
+HELDOUT_SHARE = 0.25  # of each template's value combinations
+
+SCHEMAS = {  # db_id -> {table: [(column, type), ...]}, in prompt order
+    "events": {"events": [("event_id", "INTEGER"), ("timestamp", "TEXT"), ("user_id", "INTEGER"),
+                          ("rpc_method", "TEXT")]},
+    "shop": {"customers": [("customer_id", "INTEGER"), ("name", "TEXT"), ("city", "TEXT")],
+             "orders": [("order_id", "INTEGER"), ("customer_id", "INTEGER"), ("order_date", "TEXT"),
+                        ("amount", "INTEGER"), ("status", "TEXT")]},
+    "library": {"authors": [("author_id", "INTEGER"), ("name", "TEXT"), ("country", "TEXT")],
+                "books": [("book_id", "INTEGER"), ("title", "TEXT"), ("author_id", "INTEGER"), ("year", "INTEGER"),
+                          ("genre", "TEXT")]},
+}
+METHODS = ("Login", "Logout", "GetProfile", "UpdateProfile", "ListFiles", "UploadFile", "DeleteFile", "Search")
+CITIES = ("Berlin", "Lisbon", "Oslo", "Madrid", "Vienna", "Dublin")
+STATUSES = ("paid", "shipped", "cancelled", "refunded")
+COUNTRIES = ("France", "Japan", "Brazil", "Canada", "Kenya", "Poland")
+GENRES = ("mystery", "fantasy", "history", "poetry", "science")
+WINDOWS = (("over the last week", "-7 days"), ("over the last 3 days", "-3 days"),
+           ("over the last two weeks", "-14 days"), ("over the last 30 days", "-30 days"))
+
+
+# ------------------------------------------------------------------------------------------------------ databases
+def _rows(db_id: str) -> dict[str, list[tuple]]:
+    rng = random.Random(f"text2sql:{db_id}")  # a string seed: stable across Python versions
+    ref = datetime.fromisoformat(REFERENCE_DATE)
+
+    def before(days: int) -> str:  # a moment within `days` days before the reference date, to the second
+        return (ref - timedelta(seconds=rng.randrange(1, days * 86400))).strftime("%Y-%m-%d %H:%M:%S")
+
+    if db_id == "events":
+        weights = (6, 4, 3, 2, 3, 2, 1, 3)  # Login most common, DeleteFile rare: counts differ per method
+        rows = [(i + 1, before(45), rng.randint(1, 40), rng.choices(METHODS, weights)[0]) for i in range(400)]
+        rows.sort(key=lambda r: r[1])
+        return {"events": [(i + 1, ts, user, method) for i, (_, ts, user, method) in enumerate(rows)]}
+    if db_id == "shop":
+        first = ("Ana", "Ben", "Chloe", "Dmitri", "Eva", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kaia", "Luca",
+                 "Mira", "Nils", "Olga", "Pablo", "Quinn", "Rosa", "Sven", "Tara", "Uma", "Viktor", "Wen", "Yara")
+        customers = [(i + 1, name, CITIES[i % len(CITIES)]) for i, name in enumerate(first)]
+        orders = [(i + 1, rng.randint(1, len(first)), before(60)[:10], rng.randint(5, 300),
+                   rng.choices(STATUSES, (6, 4, 2, 1))[0]) for i in range(150)]
+        return {"customers": customers, "orders": orders}
+    if db_id == "library":
+        names = ("Amelie Roux", "Kenji Sato", "Lucas Prado", "Maya Tremblay", "Njeri Otieno", "Piotr Nowak",
+                 "Claire Dubois", "Haruki Mori", "Bianca Lima", "Owen Gagnon", "Amani Wanjiru", "Zofia Lis")
+        authors = [(i + 1, name, COUNTRIES[i % len(COUNTRIES)]) for i, name in enumerate(names)]
+        words = ("River", "Shadow", "Garden", "Winter", "Glass", "Harbor", "Silent", "Iron", "Paper", "Golden",
+                 "Hidden", "Northern")
+        nouns = ("Clock", "Map", "Letters", "Tower", "Song", "Bridge", "Forest", "Island", "Archive", "Lantern")
+        titles = sorted({f"The {a} {b}" for a, b in product(words, nouns)})
+        rng.shuffle(titles)
+        books = [(i + 1, titles[i], rng.randint(1, len(names)), rng.randint(1950, 2023), rng.choice(GENRES))
+                 for i in range(90)]
+        return {"authors": authors, "books": books}
+    raise DataError(f"text2sql: unknown database {db_id!r}; allowed values: {', '.join(SCHEMAS)}")
+
+
+@lru_cache(maxsize=None)
+def database_script(db_id: str) -> str:
+    """The database `db_id` as one SQL script (CREATE TABLE + INSERTs): what `build_database` runs."""
+    if db_id not in SCHEMAS:
+        raise DataError(f"text2sql: unknown database {db_id!r}; allowed values: {', '.join(SCHEMAS)}")
+    lines = []
+    for table, rows in _rows(db_id).items():
+        columns = ", ".join(f"{name} {kind}" for name, kind in SCHEMAS[db_id][table])
+        lines.append(f"CREATE TABLE {table} ({columns});")
+        for row in rows:
+            values = ", ".join("'" + v.replace("'", "''") + "'" if isinstance(v, str) else str(v) for v in row)
+            lines.append(f"INSERT INTO {table} VALUES ({values});")
+    return "\n".join(lines) + "\n"
+
+
+def build_database(db_id: str) -> sqlite3.Connection:
+    """A fresh in-memory SQLite database `db_id` (writable: the caller's own copy)."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(database_script(db_id))
+    return conn
+
+
+# ----------------------------------------------------------------------------------------------------- questions
+@dataclass(frozen=True)
+class Template:
+    db_id: str
+    phrasings: tuple[str, ...]  # the last one is held out
+    sql: str  # str.format'ed with the same values as the phrasing
+    values: tuple[dict, ...]  # one dict per value combination
+    dated: bool = False  # relative dates: the prompt states today's date
+
+
+def _combos(**axes) -> tuple[dict, ...]:
+    keys = list(axes)
+    return tuple(dict(zip(keys, vals)) for vals in product(*axes.values()))
+
+
+def _windows(methods=METHODS) -> tuple[dict, ...]:
+    return tuple({"m": m, "w": w, "d": d} for m, (w, d) in product(methods, WINDOWS))
+
+
+TEMPLATES = (
+    Template("events", ('count how many users issued request "{m}" {w}.',
+                        'know the number of distinct users who called "{m}" {w}.',
+                        'find how many different users sent a "{m}" request {w}.'),
+             "SELECT COUNT(DISTINCT user_id) FROM events WHERE rpc_method = '{m}' AND timestamp >= date('now', '{d}');",
+             _windows(), dated=True),
+    Template("events", ('count the "{m}" requests {w}.',
+                        'know how many times "{m}" was called {w}.',
+                        'get the number of "{m}" events {w}.'),
+             "SELECT COUNT(*) FROM events WHERE rpc_method = '{m}' AND timestamp >= date('now', '{d}');",
+             _windows(), dated=True),
+    Template("events", ('list the users who issued request "{m}".',
+                        'see which user ids called "{m}".',
+                        'find every distinct user that sent "{m}".'),
+             "SELECT DISTINCT user_id FROM events WHERE rpc_method = '{m}';", _combos(m=METHODS)),
+    Template("events", ("count how many requests user {u} issued.",
+                        "know the number of events of user {u}.",
+                        "find how many calls user {u} made in total."),
+             "SELECT COUNT(*) FROM events WHERE user_id = {u};", _combos(u=range(1, 41))),
+    Template("events", ("list the request types user {u} issued, in alphabetical order.",
+                        "see which rpc methods user {u} called, sorted by name.",
+                        "get the distinct methods used by user {u}, ordered alphabetically."),
+             "SELECT DISTINCT rpc_method FROM events WHERE user_id = {u} ORDER BY rpc_method;",
+             _combos(u=range(1, 41))),
+    Template("events", ("count the requests per rpc method {w}.",
+                        "know how many events each request type had {w}.",
+                        "get the number of calls for every method {w}."),
+             "SELECT rpc_method, COUNT(*) FROM events WHERE timestamp >= date('now', '{d}') GROUP BY rpc_method;",
+             tuple({"w": w, "d": d} for w, d in WINDOWS), dated=True),
+    Template("shop", ('count the orders with status "{s}".',
+                      'know how many orders are "{s}".',
+                      'find the number of "{s}" orders.'),
+             "SELECT COUNT(*) FROM orders WHERE status = '{s}';", _combos(s=STATUSES)),
+    Template("shop", ("get the total amount of orders placed by customers from {c}.",
+                      "know how much customers in {c} spent in total.",
+                      "sum the order amounts of all customers living in {c}."),
+             "SELECT SUM(orders.amount) FROM orders JOIN customers ON orders.customer_id = customers.customer_id "
+             "WHERE customers.city = '{c}';", _combos(c=CITIES)),
+    Template("shop", ('list the names of customers from {c} with a "{s}" order.',
+                      'see which customers in {c} have an order with status "{s}".',
+                      'find the distinct names of {c} customers who have "{s}" orders.'),
+             "SELECT DISTINCT customers.name FROM customers JOIN orders ON orders.customer_id = "
+             "customers.customer_id WHERE customers.city = '{c}' AND orders.status = '{s}';",
+             _combos(c=CITIES, s=STATUSES[:2])),
+    Template("shop", ("count the orders with an amount above {a}.",
+                      "know how many orders cost more than {a}.",
+                      "find the number of orders whose amount exceeds {a}."),
+             "SELECT COUNT(*) FROM orders WHERE amount > {a};", _combos(a=(50, 100, 150, 200, 250))),
+    Template("shop", ("count the orders placed {w}.",
+                      "know how many orders were made {w}.",
+                      "get the number of new orders {w}."),
+             "SELECT COUNT(*) FROM orders WHERE order_date >= date('now', '{d}');",
+             tuple({"w": w, "d": d} for w, d in WINDOWS), dated=True),
+    Template("shop", ("count the customers in each city.",
+                      "know how many customers live in every city.",
+                      "get the number of customers per city."),
+             "SELECT city, COUNT(*) FROM customers GROUP BY city;", ({},)),
+    Template("library", ('count the {g} books.',
+                         'know how many books have the genre "{g}".',
+                         'find the number of books in the {g} genre.'),
+             "SELECT COUNT(*) FROM books WHERE genre = '{g}';", _combos(g=GENRES)),
+    Template("library", ("list the titles of books by authors from {c}.",
+                         "see which books were written by {c} authors.",
+                         "get the book titles whose author comes from {c}."),
+             "SELECT books.title FROM books JOIN authors ON books.author_id = authors.author_id "
+             "WHERE authors.country = '{c}';", _combos(c=COUNTRIES)),
+    Template("library", ("count the {g} books published after {y}.",
+                         "know how many {g} books came out after {y}.",
+                         "find the number of {g} books from after the year {y}."),
+             "SELECT COUNT(*) FROM books WHERE genre = '{g}' AND year > {y};",
+             _combos(g=GENRES, y=(1970, 1990, 2000, 2010))),
+    Template("library", ("count the books per genre.",
+                         "know how many books each genre has.",
+                         "get the number of books in every genre."),
+             "SELECT genre, COUNT(*) FROM books GROUP BY genre;", ({},)),
+)
+
+
+def text2sql_prompt(db_id: str, question: str, dated: bool = False) -> list[dict]:
+    """The user turn in the article's form: the schema, what we want, then "SQL query for this is:"."""
+    tables = [f"`{t}` with columns " + ", ".join(f"`{c}`" for c, _ in cols) for t, cols in SCHEMAS[db_id].items()]
+    lines = [f"-- We have a table {tables[0]}." if len(tables) == 1 else
+             f"-- We have tables {' and '.join(tables)}."]
+    if dated:
+        lines.append(f"-- Today is {REFERENCE_DATE}.")
+    lines += [f"-- We want to {question}", "-- SQL query for this is:"]
+    return [{"role": "user", "content": "\n".join(lines)}]
+
+
+def _is_held_out(key: str) -> bool:
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < HELDOUT_SHARE
+
+
+def _trivial(result: list[tuple]) -> bool:
+    """No rows or a lone 0/NULL: a wrong query too easily gives the same answer."""
+    return not result or result in ([(0,)], [(None,)])
+
+
+def build_text2sql_rows() -> dict[str, list[dict]]:
+    """The three tables: SFT (prompt/completion), RL prompts and held-out prompts (prompt, gold_sql, db_id).
+    Training rows use the training phrasings x training combinations; held-out rows the held-out phrasing x the
+    held-out combinations. Combinations with a trivial gold result are left out."""
+    train, held = [], []
+    dbs = {db_id: build_database(db_id) for db_id in SCHEMAS}
+    for n, t in enumerate(TEMPLATES):
+        for values in t.values:
+            sql = t.sql.format(**values)
+            if _trivial(dbs[t.db_id].execute(sql.replace("'now'", f"'{REFERENCE_DATE}'")).fetchall()):
+                continue
+            if _is_held_out(f"{n}:{sorted(values.items())}"):
+                held.append((t.db_id, t.phrasings[-1].format(**values), sql, t.dated))
+            else:
+                train += [(t.db_id, p.format(**values), sql, t.dated) for p in t.phrasings[:-1]]
+    order = lambda r: hashlib.sha1(r[1].encode()).hexdigest()  # noqa: E731  mixes templates and databases
+    train.sort(key=order)
+    held.sort(key=order)
+
+    def row(db_id, question, sql, dated):
+        return {"prompt": text2sql_prompt(db_id, question, dated), "gold_sql": sql, "db_id": db_id}
+
+    sft = [{"prompt": text2sql_prompt(db, q, d), "completion": [{"role": "assistant", "content": sql}]}
+           for db, q, sql, d in train]
+    return dict(zip(TEXT2SQL_FILES, (sft, [row(*r) for r in train], [row(*r) for r in held])))
+
+
+def write_text2sql_files(out_dir: str | Path = BUNDLED_DIR) -> dict[str, int]:
+    """(Re)generate the text2sql_*.jsonl files; returns rows per file. The files are committed; a test checks
+    they match this function's output."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for stem, table in build_text2sql_rows().items():
+        (out_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table),
+                                               encoding="utf-8")
+        counts[stem] = len(table)
+    return counts
