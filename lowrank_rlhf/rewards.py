@@ -253,3 +253,6 @@ class Scorer:
 
     def __call__(self, rollout, runner) -> torch.Tensor:
         return self.combine(self.parts(rollout, runner))
+
+
+from .sql_reward import sql_execution, sql_runs  # noqa: E402,F401  the text-to-SQL execution reward (sql_reward.py)
