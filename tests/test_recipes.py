@@ -20,6 +20,8 @@ EXPECTED = {
     "llama2-7b-rtx3090.yaml": ("meta-llama/Llama-2-7b-hf", "24GiB"),
     "llama2-13b-rtx4090.yaml": ("meta-llama/Llama-2-13b-hf", "24GiB"),
     "llama-7b-colab-t4.yaml": ("huggyllama/llama-7b", "15GiB"),
+    "text2sql-smollm2.yaml": ("smollm2-135m", "4GiB"),
+    "text2sql-llama2-7b-rtx3090.yaml": ("meta-llama/Llama-2-7b-chat-hf", "24GiB"),
 }
 
 
