@@ -1,4 +1,4 @@
-"""`lowrank-rlhf` (also `python -m lowrank_rlhf`): quickstart, train, plan, generate, export, bench.
+"""`lowrank-rlhf` (also `python -m lowrank_rlhf`): quickstart, train, plan, generate, eval, export, bench.
 
 User errors (a bad recipe key, a missing file, a budget below the floor...) print one line and exit with code 2;
 `--debug` shows the traceback instead.
@@ -82,6 +82,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate_run
+
+    evaluate_run(Path(args.run), args.task, args.held_out, args.reward, args.max_samples, args.max_new_tokens)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -132,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge the policy into an unquantized bf16 model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="greedy held-out scores of the base, RUN/sft and RUN/policy (table + JSON)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--task", choices=("clickbait", "text2sql"), help="a built-in task's held-out set and scores")
+    p.add_argument("--held-out", help="instead: a prompts table (file, bundled:NAME or hub id)")
+    p.add_argument("--reward", action="append", help="instead: a module:function scorer (repeat for several)")
+    p.add_argument("--max-samples", type=int, default=0, help="use at most this many held-out rows; 0 = all")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per answer (default: the task's)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="memory and speed: our one-base layout against the four-model layout")
     from . import bench

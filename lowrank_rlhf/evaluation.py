@@ -1,0 +1,111 @@
+"""`lowrank-rlhf eval RUN`: greedy answers of the base, RUN/sft and RUN/policy on a held-out set, scored by reward
+functions, printed as a table and written to RUN/eval-<task>.json.
+
+Answers come through the rollout's own greedy path (quickstart.evaluate's approach: same stop tokens, none of the
+model's generation settings) on the base the run trained on (an adapter belongs to its quantized base, DESIGN 3b).
+A task is a held-out table plus the functions that score it; `--held-out` and `--reward` replace either.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import data, rewards
+from .config import ConfigError
+from .memory.runner import MicroBatchRunner
+from .models.loading import load_base
+from .models.roles import BASE, RoleModel
+from .rl.rollout import sample_rollout, stop_token_ids
+
+# task -> (held-out table, reward functions (the first is the headline metric), new tokens per answer)
+TASKS = {
+    "clickbait": ("bundled:clickbait_heldout",
+                  ["lowrank_rlhf.rewards:clickbait_accuracy", "lowrank_rlhf.rewards:exact_yes_no"], 6),
+    "text2sql": ("bundled:text2sql_heldout",
+                 ["lowrank_rlhf.rewards:sql_execution", "lowrank_rlhf.rewards:sql_runs"], 64),
+}
+MARKER = "lowrank_rlhf eval"  # in every file we write: a file without it is someone else's and is never replaced
+
+
+def resolve_task(task: str | None, held_out: str | None, functions: list[str] | None) -> tuple[str, list[str], int]:
+    if task is None and not (held_out and functions):
+        raise ConfigError(f"eval: give --task ({' | '.join(TASKS)}) or both --held-out and --reward")
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"eval: unknown task {task!r}; allowed values: {', '.join(TASKS)}")
+    table, specs, tokens = TASKS[task] if task else (None, None, 64)
+    return held_out or table, list(functions or specs), tokens
+
+
+@torch.no_grad()
+def greedy_answers(model: RoleModel, role: str, prompts: list[list[int]], max_new_tokens: int,
+                   micro_batch: int = 16) -> list[str]:
+    tok = model.tokenizer
+    stops = stop_token_ids(tok, model.causal_lm.generation_config, ["eos"])
+    rollout = sample_rollout(model, prompts, torch.arange(len(prompts)), None, MicroBatchRunner("generate", micro_batch),
+                             max_new_tokens, 1.0, stops, role=role)
+    kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
+    return tok.batch_decode(kept, skip_special_tokens=True)
+
+
+def score_answers(functions: dict, texts: list[str], answers: list[str], columns: dict) -> dict[str, float]:
+    return {rewards.short_name(spec): rewards.call_reward_function(fn, texts, answers, name=spec, **columns)
+            .mean().item() for spec, (fn, _) in functions.items()}
+
+
+def load_run_roles(run_dir: Path, cfg) -> RoleModel:
+    roles = tuple(r for r in ("sft", "policy") if (run_dir / r / "adapter_config.json").is_file())
+    base, tok = load_base(cfg.model)
+    if not roles:  # the base alone: still worth a number
+        return RoleModel(base, tok, cfg.lora, base_name=cfg.model.name, quantization=cfg.model.quantization,
+                         roles=("policy",), seed=cfg.seed)
+    return RoleModel.load(base, tok, run_dir, cfg.lora, base_name=cfg.model.name,
+                          quantization=cfg.model.quantization, roles=roles, trainable=())
+
+
+def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = None,
+                 functions: list[str] | None = None, max_samples: int = 0, max_new_tokens: int | None = None,
+                 model: RoleModel | None = None) -> dict:
+    """Scores of base / sft / policy (those the run has) on the held-out set; writes RUN/eval-<name>.json."""
+    from .inference import run_recipe
+
+    run_dir = Path(run_dir)
+    source, specs, tokens = resolve_task(task, held_out, functions)
+    name = task or Path(source.replace("bundled:", "")).stem
+    out = run_dir / f"eval-{name}.json"
+    if out.exists() and MARKER not in out.read_text(errors="replace")[:200]:
+        raise ConfigError(f"eval: {out} exists and was not written by lowrank-rlhf eval; move it away")
+    cfg = run_recipe(run_dir)
+    loaded = rewards.load_reward_functions(specs, timeout_s=cfg.rewards.timeout_s)
+    table = data.load_prompts(source, max_samples, name="--held-out")
+    started = time.perf_counter()
+    model = model or load_run_roles(run_dir, cfg)
+    texts = data.prompt_texts(table, model.tokenizer)
+    prompts = data.encode_prompts(table, model.tokenizer, cfg.data.max_prompt_length, "truncate")
+    columns = {c: table[c] for c in table.column_names if c != "prompt"}
+    wanted = {"base": BASE, "sft": "sft", "policy": "policy"}
+    results = {}
+    for label, role in wanted.items():
+        if role != BASE and not (run_dir / role / "adapter_config.json").is_file():
+            continue
+        answers = greedy_answers(model, role, prompts, max_new_tokens or tokens)
+        results[label] = {"scores": score_answers(loaded, texts, answers, columns), "answers": answers}
+    report = {"written_by": MARKER, "run": str(run_dir), "held_out": source, "rows": len(texts),
+              "functions": specs, "seconds": round(time.perf_counter() - started, 1),
+              "results": results, "prompts": texts}
+    print(format_table(report))
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"written: {out}")
+    return report
+
+
+def format_table(report: dict) -> str:
+    names = [rewards.short_name(s) for s in report["functions"]]
+    rows = [("model", *names)] + [(label, *(f"{r['scores'][n]:.1%}" for n in names))
+                                  for label, r in report["results"].items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    head = f"{report['held_out']}: {report['rows']} held-out prompts, greedy"
+    return head + "\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
