@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from .signals import raise_interrupted
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -21,7 +24,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .memory.plan import MemoryBudgetError
     from .memory.runner import MicroBatchOOMError
-    from .pipeline import RunDirError
+    from .run_dir import RunDirError
     from .rewards import RewardFunctionError
     from .models.run_metadata import BaseMismatchError
     from .rl.trainer import NonFiniteError
@@ -77,7 +80,8 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
 
-    out = export_run(Path(args.run), Path(args.out), merge=args.merge, overwrite=args.overwrite)
+    out = export_run(Path(args.run), Path(args.out), merge=args.merge or bool(args.merge_into),
+                     overwrite=args.overwrite, merge_into=args.merge_into or "dequantized")
     print(f"exported to {out}")
     return 0
 
@@ -136,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run's policy: the adapter alone, or merged into a bf16 model")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--merge", action="store_true", help="merge the policy into an unquantized bf16 model")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--merge", action="store_true", help="merge the policy into a standalone bf16 model")
+    p.add_argument("--merge-into", choices=("dequantized", "original"), help="with --merge: the weights to merge "
+                   "into; dequantized (default) = the quantized base the adapter was trained on, in bf16; original = "
+                   "the unquantized checkpoint (warns: the adapter never saw those weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (never other files)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="greedy held-out scores of the base, RUN/sft and RUN/policy (table + JSON)")
@@ -169,18 +176,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # SIGTERM outside the PPO loop (which handles it itself) unwinds like Ctrl-C: the run directory's lock is
+    # released and TRL's scratch folders removed, then exit 143.
+    previous = (signal.signal(signal.SIGTERM, raise_interrupted)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is in the run directory; rerun with ppo.resume=true",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"{what}: the last checkpoint is in the run directory; rerun with ppo.resume=true", file=sys.stderr)
+        return 128 + signum
     except user_errors() as err:
         if args.debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,8 @@ class RewardsConfig:
     function_weights: list = opt([], "one weight per function; empty = 1.0 each")
     eval_functions: list = opt([], "Python functions scored on the held-out prompts only (never part of the PPO "
                                "score), e.g. a verifiable accuracy beside a learned reward")
+    timeout_s: float | None = opt(600.0, "seconds each reward-function call may take before the run stops with an "
+                                  "error naming it; null = no limit", low=0.001)
 
 
 @dataclass

@@ -6,6 +6,7 @@
     RUN/policy/, RUN/value/  PPO's trained roles (+ value_head)
     RUN/checkpoint/          the latest PPO checkpoint (atomic, with a manifest)
     RUN/metrics.jsonl        one line per PPO step
+    RUN/.lowrank_rlhf-files.json, RUN/.lowrank_rlhf.lock   what the run wrote (run_dir.py), its one writer (run_lock.py)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import data
-from . import rewards
+from . import resume_guard, rewards, run_lock
 from .config import ConfigError, RecipeConfig, to_dict
 from .memory.shapes import ModelShape
 from .models.loading import check_llama_family, load_base, load_tokenizer, resolve_model_path
@@ -31,13 +32,10 @@ from .rewards import Scorer
 from .rl.health import HeldOutEval
 from .rl.rollout import stop_token_ids
 from .rl.trainer import PPOTrainer
+from .run_dir import RUN_FILES, RunDirError, check_writable, claim
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "reward", "ppo")
-
-
-class RunDirError(ValueError):
-    """The output directory holds results that this command would overwrite."""
 
 
 def stage_outputs(run_dir: Path, stage: str) -> list[Path]:
@@ -85,8 +83,12 @@ def preflight(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
     if "ppo" in stages:
         plan_recipe(cfg)  # a budget below the static floor
         if cfg.data.long_prompts == "error":
-            data.encode_prompts(table, load_tokenizer(path, cfg.model.trust_remote_code),
-                                cfg.data.max_prompt_length, "error")
+            tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+            check_prompt_lengths(table, tokenizer, cfg, cfg.data.prompts, "data.prompts")
+            if cfg.ppo.eval_steps and cfg.data.eval_prompts:
+                check_prompt_lengths(data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples,
+                                                       name="data.eval_prompts"),
+                                     tokenizer, cfg, cfg.data.eval_prompts, "data.eval_prompts")
         source = ckpt.latest(run_dir / "checkpoint") if cfg.ppo.resume else None
         if source is not None:
             try:
@@ -94,6 +96,21 @@ def preflight(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
             except ckpt.CheckpointError as err:
                 raise ckpt.CheckpointError(f"{err}; cannot resume from it: restore it, or start PPO over with "
                                            f"--overwrite (without ppo.resume)") from None
+            saved = json.loads((source / "trainer_state.json").read_text()).get("experiment")
+            resume_guard.check_resume(saved, cfg, stages, source)
+
+
+def check_prompt_lengths(table, tokenizer, cfg: RecipeConfig, source: str, name: str) -> None:
+    """long_prompts=error: name the file and the first row that is too long (chat.py's error counts them only)."""
+    limit = cfg.data.max_prompt_length
+    lengths = [len(data.prompt_ids(tokenizer, p, name, i)) for i, p in enumerate(table["prompt"])]
+    too_long = [i for i, n in enumerate(lengths) if n > limit]
+    if too_long:
+        first = too_long[0]
+        raise data.DataError(f"{name}: {len(too_long)} of {len(lengths)} prompts are longer than "
+                             f"data.max_prompt_length={limit} tokens, the first in {source} row {first} "
+                             f"({lengths[first]} tokens; longest: {max(lengths)}); raise data.max_prompt_length or "
+                             f"set data.long_prompts=truncate")
 
 
 def save_recipe(cfg: RecipeConfig, run_dir: Path) -> None:
@@ -199,8 +216,9 @@ def held_out_evaluation(cfg: RecipeConfig, model: RoleModel, stop_ids: list[int]
     table = data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples, name="data.eval_prompts")
     # eval-only functions weigh 0: reported one by one, never part of eval/score (unless also a training function)
     eval_only = cfg.rewards.eval_functions
-    functions = {**rewards.load_reward_functions(eval_only, [0.0] * len(eval_only)),
-                 **rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)}
+    timeout = cfg.rewards.timeout_s
+    functions = {**rewards.load_reward_functions(eval_only, [0.0] * len(eval_only), timeout_s=timeout),
+                 **rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights, timeout)}
     scorer = Scorer(model, cfg.rewards.learned_weight, functions, data.prompt_texts(table, model.tokenizer),
                     {c: table[c] for c in table.column_names if c != "prompt"})
     ids = data.encode_prompts(table, model.tokenizer, cfg.data.max_prompt_length, cfg.data.long_prompts,
@@ -212,7 +230,8 @@ def build_trainer(cfg: RecipeConfig, run_dir: Path, model: RoleModel | None = No
     """Everything PPO needs: roles, the memory plan and its budget, the prompts and the scorer."""
     # data and reward-function errors first: a typo must not wait for a 7B model to load
     table = prompt_data(cfg)
-    functions = rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)
+    functions = rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights,
+                                              timeout_s=cfg.rewards.timeout_s)
     check_reward_accuracy(cfg, run_dir)
     model = model or load_roles(cfg, run_dir)
     memory_plan = plan_recipe(cfg, shape=ModelShape.from_hf_config(model.causal_lm.config))
@@ -234,10 +253,19 @@ def run_ppo(cfg: RecipeConfig, run_dir: Path, **trainer_kwargs) -> list[dict]:
 
 
 def run_stages(cfg: RecipeConfig, stages: list[str], run_dir: Path | None = None, overwrite: bool = False) -> dict:
-    """Run the chosen stages in order; returns each stage's summary."""
+    """Run the chosen stages in order; returns each stage's summary. Every check comes before the first write:
+    a directory of someone else's files, another live process in it, results it would overwrite, bad input."""
     run_dir = Path(run_dir or cfg.run_dir)
+    check_writable(run_dir, "--output-dir")
+    run_lock.check_free(run_dir)
     check_run_dir(cfg, run_dir, stages, overwrite)
     preflight(cfg, stages, run_dir)
+    claim(run_dir, RUN_FILES)  # before writing them: after a kill -9 they are still ours to resume or replace
+    with run_lock.hold(run_dir):
+        return _run_stages(cfg, stages, run_dir, overwrite)
+
+
+def _run_stages(cfg: RecipeConfig, stages: list[str], run_dir: Path, overwrite: bool) -> dict:
     save_recipe(cfg, run_dir)
     results: dict = {}
     torch.manual_seed(cfg.seed)

@@ -12,6 +12,7 @@ function that does not take **kwargs gets only the columns it names as parameter
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -24,11 +25,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .call_timeout import CallTimeout, call_with_timeout
 from .data import completion_text, normalize_answer
 
 __all__ = [
-    "RewardFunctionError", "Scorer", "brevity", "call_reward_function", "clickbait_accuracy", "combine_scores",
-    "exact_yes_no", "load_reward_function", "load_reward_functions", "short_name",
+    "RewardFunctionError", "Scorer", "bounded", "brevity", "call_reward_function", "clickbait_accuracy",
+    "combine_scores", "exact_yes_no", "load_reward_function", "load_reward_functions", "short_name",
 ]
 
 SPEC_FORM = "module:function or path/to/file.py:function"
@@ -95,8 +97,10 @@ def load_reward_function(spec: str) -> Callable:
     return fn
 
 
-def load_reward_functions(specs: Sequence[str], weights: Sequence[float] = ()) -> dict[str, tuple[Callable, float]]:
-    """rewards.functions + rewards.function_weights -> {spec: (function, weight)}; empty weights = 1.0 each."""
+def load_reward_functions(specs: Sequence[str], weights: Sequence[float] = (), timeout_s: float | None = None
+                          ) -> dict[str, tuple[Callable, float]]:
+    """rewards.functions + rewards.function_weights -> {spec: (function, weight)}; empty weights = 1.0 each.
+    timeout_s (rewards.timeout_s): each call of a function may take this long, then fails naming it."""
     specs = list(specs)
     weights = list(weights) if weights else [1.0] * len(specs)
     if len(weights) != len(specs):
@@ -106,7 +110,24 @@ def load_reward_functions(specs: Sequence[str], weights: Sequence[float] = ()) -
         dup = next(s for s in specs if specs.count(s) > 1)
         raise RewardFunctionError(f"rewards.functions: {dup!r} is listed twice; list each function once and "
                                   f"set its weight instead")
-    return {spec: (load_reward_function(spec), float(w)) for spec, w in zip(specs, weights)}
+    return {spec: (bounded(load_reward_function(spec), spec, timeout_s), float(w))
+            for spec, w in zip(specs, weights)}
+
+
+def bounded(fn: Callable, name: str, timeout_s: float | None) -> Callable:
+    """fn, giving up after timeout_s per call with a RewardFunctionError naming it (a hung function would stall the
+    run forever). functools.wraps keeps fn's signature, which decides the columns fn gets (_accepted_kwargs)."""
+    if not timeout_s:
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any):
+        try:
+            return call_with_timeout(fn, timeout_s, *args, **kwargs)
+        except CallTimeout:
+            raise RewardFunctionError(f"reward function {name} did not return within rewards.timeout_s={timeout_s:g} "
+                                      f"s; make it faster, or raise rewards.timeout_s (null = no limit)") from None
+    return call
 
 
 # ----------------------------------------------------------------------------------------------------------- calling

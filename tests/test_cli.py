@@ -107,6 +107,27 @@ def test_generate_and_export(tiny_run, tmp_path, capsys):
     torch.testing.assert_close(logits, expected, rtol=0, atol=0.1)
 
 
+def test_export_merge_into_original_warns_and_merges_into_the_unquantized_weights(tiny_run, tmp_path, caplog):
+    """--merge-into original: the policy merged into the original (unquantized) weights, with a warning that the
+    adapter never saw them; its logits are the adapter's on the unquantized base, not on the 4-bit one."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = run / "policy" / "adapter_model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=g) * 0.2 if "lora_B" in k else v
+               for k, v in load_file(str(weights)).items()}, str(weights))
+    with caplog.at_level("WARNING", logger="lowrank_rlhf.export"):
+        assert main(["export", str(run), "--out", str(tmp_path / "orig"), "--merge-into", "original"]) == 0
+    assert "--merge-into original: merging into the unquantized weights of tiny-llama" in caplog.text
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "orig", dtype=torch.float32)
+    base, _ = load_base(ModelConfig(name="tiny-llama", quantization="none", device="cpu"))
+    plain = peft.PeftModel.from_pretrained(base, str(run / "policy"))
+    ids = torch.tensor([list(range(5, 40))])
+    with torch.no_grad():
+        expected, logits = plain(ids).logits, merged(ids).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0.1)
+
+
 def test_commands_do_not_print_the_missing_hub_kernel_warning():
     """bitsandbytes' 'Failed to load CPU gemm_4bit_forward' notice concerns a path we switch off (models/__init__)."""
     result = subprocess.run([sys.executable, "-m", "lowrank_rlhf", "--help"], capture_output=True, text=True,

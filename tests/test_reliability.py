@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import error_line
 from lowrank_rlhf import checkpoint as ckpt
+from lowrank_rlhf import run_lock
 from lowrank_rlhf.models import loading as models
 from lowrank_rlhf.models.builtin import tiny_llama_config, tiny_tokenizer
 from lowrank_rlhf.cli import main
@@ -170,6 +171,165 @@ def test_existing_run_is_reused_only_with_overwrite_or_resume(ppo_run, tmp_path)
     check_run_dir(cfg, tmp_path, ["sft"], overwrite=True)
 
 
+def test_a_directory_with_files_of_others_is_refused_and_untouched(tmp_path, capsys):
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "recipe.yaml").write_text("my own recipe\n")
+    (users / "README.md").write_text("my notes\n")
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces only files the run wrote: never these
+        assert train(users, *extra) == 2
+        err = error_line(capsys.readouterr().err)
+        assert err == (f"error: {users} holds README.md, which lowrank_rlhf did not write; it writes only into an "
+                       f"empty directory or one of its own (--overwrite replaces only files it wrote): move README.md "
+                       f"away or choose another --output-dir"), err
+        assert sorted(p.name for p in users.iterdir()) == ["README.md", "recipe.yaml"]
+        assert (users / "README.md").read_text() == "my notes\n"
+
+
+def test_a_file_added_to_a_run_directory_is_never_overwritten(run_copy, capsys):
+    (run_copy / "notes.txt").write_text("mine\n")
+    before = snapshot(run_copy)
+    assert train(run_copy, "--overwrite") == 2
+    assert "holds notes.txt, which lowrank_rlhf did not write" in error_line(capsys.readouterr().err)
+    assert snapshot(run_copy) == before
+    (run_copy / "notes.txt").unlink()
+    assert train(run_copy, "--overwrite", "ppo.total_steps=1") == 0  # its own files: replaced with --overwrite
+    assert {".lowrank_rlhf-files.json", "recipe.yaml", "README.md", "policy"} <= {p.name for p in run_copy.iterdir()}
+
+
+def test_export_writes_only_into_an_empty_directory_or_its_own_export(ppo_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine\n")
+    assert main(["export", str(ppo_run), "--out", str(out), "--overwrite"]) == 2
+    assert "holds keep.txt, which lowrank_rlhf did not write" in error_line(capsys.readouterr().err)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(["export", str(ppo_run), "--out", str(out)]) == 0  # an empty directory
+    assert main(["export", str(ppo_run), "--out", str(out)]) == 2  # an earlier export: only with --overwrite
+    assert error_line(capsys.readouterr().err) == (f"error: {out} already holds an export; pass --overwrite to replace "
+                                                   f"it, or choose another --out")
+    assert main(["export", str(ppo_run), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    pytest.param(["ppo.kl_coef=0.1", "seed=3"], "ppo.kl_coef 0.05 -> 0.1, seed 0 -> 3", id="coefficient-and-seed"),
+    pytest.param(["lora.r=8"], "lora.r 4 -> 8", id="lora-shape"),
+    pytest.param(["model.quantization=8bit"], "model.quantization '4bit' -> '8bit'", id="quantization"),
+    pytest.param(["ppo.num_generations=2"], "ppo.num_generations 1 -> 2", id="num-generations"),
+    pytest.param(["EDIT_PROMPTS"], "data.prompts (sha256) '", id="data-file-edited"),
+])
+def test_a_resume_that_changes_the_math_is_refused_with_a_diff(tmp_path, capsys, overrides, message):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Is {w} a word?"}) + "\n" for w in ("sky", "tree", "sea", "sun")))
+    run = tmp_path / "run"
+    assert train(run, f"data.prompts={prompts}", "ppo.total_steps=1") == 0
+    if overrides == ["EDIT_PROMPTS"]:
+        prompts.write_text(prompts.read_text().replace("sky", "fog"))
+        overrides = []
+    before = snapshot(run)
+    assert train(run, f"data.prompts={prompts}", "ppo.resume=true", "ppo.total_steps=2", *overrides) == 2
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith(f"error: ppo.resume: the recipe changes the experiment of {run}/checkpoint: "), err
+    assert message in err and err.endswith("; set these back to resume it, or start PPO over with --overwrite "
+                                           "(without ppo.resume)"), err
+    assert "total_steps" not in err  # allowed, so not part of the refusal
+    assert snapshot(run) == before
+
+
+def test_a_resume_accepts_logging_saving_and_step_changes_and_says_so(run_copy, caplog):
+    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.resume_guard"):
+        assert train(run_copy, "ppo.resume=true", "ppo.total_steps=3", "ppo.save_steps=0", "memory.budget=3GiB") == 0
+    assert ("resume: accepted changed settings that do not change the math: memory.budget '2GiB' -> '3GiB', "
+            "ppo.save_steps 1 -> 0, ppo.total_steps 2 -> 3") in caplog.text
+
+
+HANGING_REWARD = """
+CALLS = 0
+
+
+def hang(prompts, completions, **kwargs):
+    global CALLS
+    CALLS += 1
+    while CALLS >= 2:  # the second call never returns, and a broad except does not save it
+        try:
+            sum(range(10_000))
+        except Exception:
+            pass
+    return [1.0] * len(completions)
+"""
+
+
+def test_a_reward_function_that_hangs_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys):
+    file = rows_file(tmp_path, "hanging_reward.py", HANGING_REWARD)
+    run = tmp_path / "run"
+    started = time.monotonic()
+    code = main(["train", TINY, "--stage", "ppo", "--output-dir", str(run), "rewards.learned_weight=0",
+                 f"rewards.functions=[{file}:hang]", "rewards.timeout_s=2", "ppo.save_steps=1", "ppo.total_steps=3"])
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and err == (f"error: reward function {file}:hang did not return within rewards.timeout_s=2 s; "
+                                 f"make it faster, or raise rewards.timeout_s (null = no limit)"), err
+    assert time.monotonic() - started < 120
+    assert checkpoint_step(run) == 1  # step 1's checkpoint, intact (manifest verified)
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_reward_timeout_off_the_main_thread_uses_a_worker_thread():
+    import threading
+
+    from lowrank_rlhf.rewards import RewardFunctionError, bounded, call_reward_function
+
+    def slow(prompts, completions):
+        time.sleep(30)
+
+    outcome = {}
+
+    def call():
+        try:
+            call_reward_function(bounded(slow, "slow", 0.5), ["p"], ["c"], name="slow")
+        except RewardFunctionError as err:
+            outcome["error"] = str(err)
+
+    worker = threading.Thread(target=call)
+    started = time.monotonic()
+    worker.start()
+    worker.join(20)
+    assert outcome["error"].startswith("reward function slow did not return within rewards.timeout_s=0.5 s")
+    assert time.monotonic() - started < 10
+    # the signature (which columns the function gets) survives the wrapper
+    assert call_reward_function(bounded(lambda prompts, completions: [2.0], "f", 5), ["p"], ["c"], label=["x"]) == 2
+
+
+BAD_ROWS = [
+    pytest.param("prompts.jsonl", '{"prompt": "Is it?", "label": "yes"}\n{"prompt": "Or not?", "label": "no"\n', [],
+                 "data.prompts: could not read {file} as jsonl: line 2 is not valid JSON (Expecting ',' delimiter, "
+                 "column 36); fix or remove that line", id="bad-json-line"),
+    pytest.param("prompts.jsonl", '{"prompt": "Is it?", "label": "yes"}\n\n{"label": "no"}\n', [],
+                 "data.prompts: {file} row 1 (line 3) has no 'prompt'; every row needs one (columns: prompt, label)",
+                 id="missing-column-in-a-row"),
+    pytest.param("prompts.csv", "prompt,label\nIs it?,yes\n,no\n", [],
+                 "data.prompts: {file} row 1 (line 3) has no 'prompt'; every row needs one (columns: prompt, label)",
+                 id="empty-csv-cell"),
+    pytest.param("prompts.jsonl", '{"prompt": "Is it?"}\n{"prompt": "   "}\n', [],
+                 "data.prompts: {file} row 1 (line 2) has an empty prompt; give it text or remove the row",
+                 id="empty-prompt"),
+    pytest.param("prompts.jsonl", '{"prompt": "Short?"}\n{"prompt": "' + "long " * 20 + '"}\n',
+                 ["data.long_prompts=error", "data.max_prompt_length=20"],
+                 "data.prompts: 1 of 2 prompts are longer than data.max_prompt_length=20 tokens, the first in {file} "
+                 "row 1 (", id="prompt-too-long-row"),
+]
+
+
+@pytest.mark.parametrize("name, text, overrides, message", BAD_ROWS)
+def test_a_malformed_data_row_is_reported_with_the_file_and_row(tmp_path, capsys, name, text, overrides, message):
+    file = rows_file(tmp_path, name, text)
+    assert train(tmp_path / "run", f"data.prompts={file}", *overrides) == 2
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("error: " + message.format(file=file)), err
+    assert not (tmp_path / "run").exists()
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -301,10 +461,23 @@ def metric_steps(run: Path) -> list[int]:
 FINAL_FILES = ("policy/adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors")
 
 
-def test_kill_9_mid_ppo_then_resume_ends_with_the_same_adapters(tmp_path):
-    straight = ppo_process(tmp_path, tmp_path / "straight", "ppo.save_steps=1")
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The uninterrupted run that the kill -9 and SIGTERM runs must reach, bit for bit, after their resume."""
+    tmp = tmp_path_factory.mktemp("straight")
+    straight = ppo_process(tmp, tmp / "straight", "ppo.save_steps=1")
     assert finish(straight) == 0, log_of(straight)[-3000:]
+    return tmp / "straight"
 
+
+def assert_same_final_adapters(straight: Path, resumed: Path) -> None:
+    for name in FINAL_FILES:
+        a, b = load_file(straight / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and a
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_kill_9_mid_ppo_then_resume_ends_with_the_same_adapters(tmp_path, straight_run):
     killed = ppo_process(tmp_path, tmp_path / "killed", "ppo.save_steps=1", block_at=3)
     wait_for((tmp_path / "blocked").exists, killed, "step 3")  # in step 3's scoring: step 2 checkpointed, logged
     assert checkpoint_step(tmp_path / "killed") == 2 and metric_steps(tmp_path / "killed") == [1, 2]
@@ -315,10 +488,7 @@ def test_kill_9_mid_ppo_then_resume_ends_with_the_same_adapters(tmp_path):
     assert finish(resumed) == 0, log_of(resumed)[-3000:]
     assert "resumed from" in log_of(resumed) and "at step 2" in log_of(resumed)
     assert metric_steps(tmp_path / "killed") == [1, 2, 3, 4]
-    for name in FINAL_FILES:
-        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "killed" / name)
-        assert a.keys() == b.keys() and a
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_final_adapters(straight_run, tmp_path / "killed")
 
 
 def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path):
@@ -334,6 +504,48 @@ def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path):
     assert "Traceback" not in output
     assert checkpoint_step(tmp_path / "run") == 2 and metric_steps(tmp_path / "run") == [1, 2]
     assert not (tmp_path / "run" / "policy").exists()  # final adapters are written only by a finished run
+
+
+def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_to_the_same_adapters(tmp_path, straight_run):
+    proc = ppo_process(tmp_path, tmp_path / "run", "ppo.save_steps=1", block_at=3)
+    wait_for((tmp_path / "blocked").exists, proc, "step 3")
+    proc.send_signal(signal.SIGTERM)  # what `timeout`, Colab and job schedulers send, in step 3's reward function
+    wait_for(lambda: "SIGTERM: finishing this step" in log_of(proc), proc, "the SIGTERM message")
+    (tmp_path / "release").touch()
+    assert finish(proc) == 143, log_of(proc)[-3000:]
+    output = log_of(proc)
+    assert output.strip().splitlines()[-1] == ("stopped by SIGTERM: the last checkpoint is in the run directory; "
+                                               "rerun with ppo.resume=true")
+    assert "Traceback" not in output
+    assert checkpoint_step(tmp_path / "run") == 3 and metric_steps(tmp_path / "run") == [1, 2, 3]
+    assert not (tmp_path / "run" / run_lock.LOCK_FILE).exists()  # released on the way out
+
+    resumed = ppo_process(tmp_path, tmp_path / "run", "ppo.save_steps=1", "ppo.resume=true")
+    assert finish(resumed) == 0, log_of(resumed)[-3000:]
+    assert "at step 3" in log_of(resumed) and metric_steps(tmp_path / "run") == [1, 2, 3, 4]
+    assert_same_final_adapters(straight_run, tmp_path / "run")
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    first = ppo_process(tmp_path, run, block_at=1)
+    try:
+        wait_for((tmp_path / "blocked").exists, first, "step 1")
+        before = snapshot(run)
+        assert train(run, "--overwrite") == 2  # --overwrite too: a live writer is never overridden
+        err = error_line(capsys.readouterr().err)
+        assert err == (f"error: {run} is in use by process {first.pid} (.lowrank_rlhf.lock); wait for it to finish "
+                       f"or stop it, or choose another --output-dir"), err
+        assert snapshot(run) == before
+    finally:
+        first.kill()
+        first.wait()
+    # first died holding the lock (kill -9): its file still names it, and the next run takes it over
+    assert run_lock._read_pid(run / run_lock.LOCK_FILE) == first.pid
+    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.run_lock"):
+        assert train(run, "--overwrite", "ppo.total_steps=1") == 0
+    assert f"taking over the lock of process {first.pid}, which has ended" in caplog.text
+    assert not (run / run_lock.LOCK_FILE).exists()
 
 
 def test_nan_loss_skips_the_update_and_logs_it(tmp_path, caplog, monkeypatch):

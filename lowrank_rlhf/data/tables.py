@@ -33,6 +33,70 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """`datasets` wraps the parser's error (pandas' "Expected 2 fields in line 3") in a DatasetGenerationError
+    that says only that generation failed; the innermost cause says what and where."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a .json/.jsonl file stops being JSON: "line N is not valid JSON (...)", or None if it parses."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON document (a list of records)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno} is not valid JSON ({err.msg}, column {err.colno})"
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):  # JSON Lines: one record per line
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number} is not valid JSON ({err.msg}, column {err.colno})"
+        if not isinstance(record, dict):
+            return f"line {number} is not a JSON object of columns (it is a {type(record).__name__})"
+    return None
+
+
+def _line_of_row(path: Path | None, row: int) -> str:
+    """" (line N)" for line-based files (JSON Lines, CSV without multi-line cells), where an editor finds the row."""
+    if path is None or path.suffix.lower() not in (".jsonl", ".json", ".csv"):
+        return ""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if path.suffix.lower() == ".csv":
+        return f" (line {row + 2})"  # after the header
+    if lines and lines[0].lstrip().startswith("["):
+        return ""
+    numbers = [i for i, line in enumerate(lines, start=1) if line.strip()]
+    return f" (line {numbers[row]})" if row < len(numbers) else ""
+
+
+def check_rows(ds: datasets.Dataset, columns: Sequence[str], name: str, label: str, path: Path | None = None
+               ) -> None:
+    """Every row has a value in `columns`: a row that lacks one (a JSON line without the key, an empty CSV cell)
+    is reported with its row number (ds[row]) and line, not left for a stage to trip over."""
+    for column in columns:
+        values = ds.data.column(column)
+        if values.null_count:
+            row = next(i for i, v in enumerate(values.is_null().to_pylist()) if v)
+            raise DataError(f"{name}: {label} row {row}{_line_of_row(path, row)} has no {column!r}; every row needs "
+                            f"one (columns: {', '.join(ds.column_names)})")
+
+
+def _is_empty_prompt(prompt) -> bool:
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    if isinstance(prompt, list):  # messages: empty, or nothing but empty contents
+        return not any(str(m.get("content") or "").strip() if isinstance(m, dict) else m for m in prompt)
+    return False
+
+
 def bundled_names() -> list[str]:
     """Names usable as `bundled:NAME`: the .jsonl/.json files shipped in lowrank_rlhf/data."""
     return sorted(p.stem for p in BUNDLED_DIR.iterdir() if p.suffix in (".jsonl", ".json"))
@@ -80,7 +144,10 @@ def _load_file(path: Path, name: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(SUPPORTED_EXTENSIONS[ext], data_files=str(path), split="train")
     except Exception as err:
-        raise DataError(f"{name}: could not read {path} as {ext[1:]} ({_first_line(err)})") from err
+        where = _bad_json_line(path) if ext in (".json", ".jsonl") else None
+        if where:
+            raise DataError(f"{name}: could not read {path} as {ext[1:]}: {where}; fix or remove that line") from err
+        raise DataError(f"{name}: could not read {path} as {ext[1:]} ({_first_line(_root_cause(err))})") from err
 
 
 def _load_dir(path: Path, name: str) -> datasets.Dataset:
@@ -117,14 +184,16 @@ def load_table(source: str, required: Sequence[str], name: str, max_samples: int
     source = str(source).strip()
     if not source:
         raise DataError(f"{name}: no dataset given; expected a file, a saved dataset dir, a hub id or bundled:NAME")
-    label = source
+    label, file = source, None
     if source.startswith(BUNDLED_PREFIX):
-        ds = _load_file(_bundled_path(source, name), name)
+        file = _bundled_path(source, name)
+        ds = _load_file(file, name)
     else:
         path = Path(source).expanduser()
         if path.is_dir():
             ds = _load_dir(path, name)
         elif path.is_file():
+            file = path
             ds = _load_file(path, name)
         elif _looks_local(source):
             raise DataError(f"{name}: file not found: {source}")
@@ -138,16 +207,28 @@ def load_table(source: str, required: Sequence[str], name: str, max_samples: int
                         f"{', '.join(ds.column_names)}")
     if max_samples and max_samples > 0 and len(ds) > max_samples:
         ds = ds.select(range(max_samples))
+    check_rows(ds, required, name, label, file)
     return ds
+
+
+def _local_file(source: str) -> Path | None:
+    """The file behind a source, for line numbers in messages; None for a directory or a hub id."""
+    source = str(source).strip()
+    if source.startswith(BUNDLED_PREFIX):
+        return _bundled_path(source, "data")
+    path = Path(source).expanduser()
+    return path if path.is_file() else None
 
 
 def load_sft(source: str, max_samples: int = 0, name: str = "data.sft") -> datasets.Dataset:
     """SFT data in one of TRL's layouts: messages | prompt + completion | text."""
     ds = load_table(source, [], name, max_samples)
-    if not any(all(col in ds.column_names for col in layout) for layout in SFT_LAYOUTS):
+    layout = next((layout for layout in SFT_LAYOUTS if all(col in ds.column_names for col in layout)), None)
+    if layout is None:
         layouts = " | ".join(" + ".join(layout) for layout in SFT_LAYOUTS)
         raise DataError(f"{name}: missing columns in {source}; expected one of: {layouts}; columns found: "
                         f"{', '.join(ds.column_names)}")
+    check_rows(ds, layout, name, source, _local_file(source))
     return ds
 
 
@@ -157,8 +238,14 @@ def load_preferences(source: str, max_samples: int = 0, name: str = "data.prefer
 
 
 def load_prompts(source: str, max_samples: int = 0, name: str = "data.prompts") -> datasets.Dataset:
-    """PPO prompts: a prompt column (text or messages); other columns are passed to reward functions."""
-    return load_table(source, ["prompt"], name, max_samples)
+    """PPO prompts: a prompt column (text or messages); other columns are passed to reward functions. An empty
+    prompt is refused with its row: the policy would answer nothing in particular, and the reward would follow."""
+    ds = load_table(source, ["prompt"], name, max_samples)
+    empty = next((i for i, prompt in enumerate(ds["prompt"]) if _is_empty_prompt(prompt)), None)
+    if empty is not None:
+        raise DataError(f"{name}: {source} row {empty}{_line_of_row(_local_file(source), empty)} has an empty prompt; "
+                        f"give it text or remove the row")
+    return ds
 
 
 def holdout_split(ds: datasets.Dataset, fraction: float, seed: int = 0

@@ -22,10 +22,12 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from transformers import get_scheduler
 
+from .. import resume_guard
 from ..config import ConfigError, RecipeConfig, to_dict
 from ..memory import PHASES
 from ..memory.runner import MicroBatchRunner
 from ..models.roles import RoleModel
+from ..signals import STOP_SIGNALS, Interrupted
 from . import state as run_state
 from .decoding import StaticDecoder
 from .experience import Experience, Rollout, TrainBatch
@@ -95,17 +97,17 @@ class PPOTrainer:
         self.step = 0
         self.nan_skips = 0
         self.order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
-        self._interrupted = False
+        self._interrupted = 0  # the signal that asked the run to stop
 
     # ================================================================================== the loop
     def train(self) -> list[dict]:
-        """Run PPO to `total_steps`, checkpointing every `save_steps`, at the end and on Ctrl-C."""
+        """Run PPO to `total_steps`, checkpointing every `save_steps`, at the end and on Ctrl-C or SIGTERM."""
         if self.ppo.resume:
             self.resume()
         history = []
         progress = self._progress()
         on_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if on_main_thread else None
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS} if on_main_thread else {}
         try:
             if self.step == 0 and self._evaluation_due():
                 self.log_metrics(self.evaluate())
@@ -116,7 +118,7 @@ class PPOTrainer:
                 progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
                 if self._interrupted:
                     self.save_checkpoint()
-                    raise KeyboardInterrupt
+                    raise Interrupted(self._interrupted)
                 if self._stop_for_overoptimization(metrics):
                     break
                 if self.ppo.save_steps and self.step % self.ppo.save_steps == 0:
@@ -125,8 +127,8 @@ class PPOTrainer:
             self.save_adapters()
         finally:
             progress.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return history
 
     # ================================================================================== one step, the story
@@ -134,7 +136,7 @@ class PPOTrainer:
         """One PPO step."""
         ppo = self.ppo
         self.clock.last.clear()
-        # 1. Rollout: this step's prompts, one response each, sampled from the policy adapter.
+        # 1. Rollout: this step's prompts, num_generations responses each, sampled from the policy adapter.
         with self.clock.phase("generate"):
             rollout = self.rollout()
         # 2. Score, without gradients: policy and reference logprobs, values, the reward sources, per-token KL.
@@ -349,7 +351,8 @@ class PPOTrainer:
                 "step": self.step, "nan_skips": self.nan_skips, "kl_ctl": self.kl_ctl.state_dict(),
                 "score_moments": self.score_moments.state_dict(), "best": self.best,
                 "alarm": self.alarm.state_dict() if self.evaluation is not None else None,
-                "micro_batches": {p: r.micro_batch for p, r in self.runners.items()}})
+                "micro_batches": {p: r.micro_batch for p, r in self.runners.items()},
+                "experiment": resume_guard.experiment(self.cfg)})  # what a resume may not change
 
     def resume(self) -> bool:
         """Load the latest checkpoint if there is one; refuse a damaged one."""
@@ -371,8 +374,10 @@ class PPOTrainer:
         log.info("resumed from %s at step %d", source, self.step)
         return True
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self._interrupted:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self._interrupted = True
-        log.warning("Ctrl-C: finishing this step, writing a checkpoint, then stopping (Ctrl-C again to abort)")
+    def _on_signal(self, signum, frame) -> None:
+        """The step finishes (an abandoned one would leave the optimizer half-updated), then a checkpoint."""
+        name = STOP_SIGNALS[signum]
+        if self._interrupted:  # a second signal stops at once; the last checkpoint stays as it was
+            raise Interrupted(signum)
+        self._interrupted = signum
+        log.warning("%s: finishing this step, writing a checkpoint, then stopping (%s again to abort)", name, name)

@@ -1,0 +1,73 @@
+"""Which files in a directory are ours: a run (or an export) writes only into an empty directory or one it wrote.
+
+A run once overwrote a user's own README.md and recipe.yaml (DESIGN.md 3b). So every directory we write into lists
+the names we wrote at its top level in OWNED_FILE, and `check_writable` refuses a directory holding anything else,
+before anything is written, naming the first such entry. `--overwrite` then only ever replaces listed names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .models.run_metadata import META_FILE
+
+OWNED_FILE = ".lowrank_rlhf-files.json"
+LOCK_FILE = ".lowrank_rlhf.lock"
+# Everything a run may write at the top of its directory: the stages' outputs, PEFT's model card (README.md, written
+# by save_pretrained beside the adapters), the PPO loop's files, the quickstart's report and the trackers' folders.
+RUN_FILES = ("recipe.yaml", META_FILE, "README.md", "sft", "reward", "policy", "value", "best", "checkpoint",
+             "metrics.jsonl", "tensorboard", "wandb", "report.json", "curves.png", OWNED_FILE, LOCK_FILE)
+
+
+class RunDirError(ValueError):
+    """The output directory holds files this command did not write, or results it would overwrite."""
+
+
+def _transient(name: str) -> bool:
+    """Scratch entries of our atomic writes (.checkpoint.tmp-*, .checkpoint.old) and TRL's scratch folders
+    (.sft-*, .reward-*): a kill -9 can leave them behind, and they are ours to replace."""
+    return name.startswith(".") and (".tmp-" in name or name.endswith(".old") or name.startswith((".sft-", ".reward-")))
+
+
+def owned_names(directory: Path) -> set[str]:
+    """The top-level names we wrote in `directory` (empty for a directory that is not ours)."""
+    path = directory / OWNED_FILE
+    if path.is_file():
+        try:
+            return set(json.loads(path.read_text()).get("files", []))
+        except (json.JSONDecodeError, AttributeError):
+            raise RunDirError(f"{path}: unreadable list of the files lowrank_rlhf wrote; restore it, or choose "
+                              f"another directory") from None
+    if (directory / META_FILE).is_file():  # a run directory written before OWNED_FILE existed
+        return set(RUN_FILES)
+    return set()
+
+
+def check_writable(directory: Path, option: str) -> None:
+    """Refuse `directory` unless it is absent, empty, or holds only entries we wrote (OWNED_FILE)."""
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise RunDirError(f"{directory} is a file, not a directory; choose another {option}")
+    owned = owned_names(directory)
+    for entry in sorted(directory.iterdir()):
+        if entry.name in owned or (owned and _transient(entry.name)):
+            continue
+        raise RunDirError(f"{directory} holds {entry.name}, which lowrank_rlhf did not write; it writes only into an "
+                          f"empty directory or one of its own (--overwrite replaces only files it wrote): move "
+                          f"{entry.name} away or choose another {option}")
+
+
+def claim(directory: Path, names: Iterable[str]) -> None:
+    """Add `names` to the directory's OWNED_FILE, before writing them: a kill -9 halfway still leaves them ours.
+    Written to a temporary file and renamed, so a crash never leaves a half-written list."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = sorted(owned_names(directory) | set(names) | {OWNED_FILE})
+    tmp = directory / f"{OWNED_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"written_by": "lowrank_rlhf", "files": files}, indent=1) + "\n")
+    os.replace(tmp, directory / OWNED_FILE)
