@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = {"01_quickstart.ipynb", "02_llama_7b_13b_on_24gb.ipynb", "03_custom_data_and_rewards.ipynb"}
+EXPECTED = {"01_quickstart.ipynb", "02_llama_7b_13b_on_24gb.ipynb", "03_custom_data_and_rewards.ipynb",
+            "04_text_to_sql.ipynb"}
 BADGE = "https://colab.research.google.com/github/lowrank-rlhf/lowrank_rlhf/blob/main/notebooks/{}"
 CELL_TIMEOUT_S = 300
 
