@@ -122,7 +122,26 @@ class PPOConfig:
     total_steps: int = opt(10, "PPO steps (one rollout batch each)", low=1)
     rollout_batch_size: int = opt(8, "responses generated and scored per PPO step", low=1)
     num_generations: int = opt(1, "responses sampled per prompt (TRL's name); rollout_batch_size must be divisible "
-                               "by it", low=1)
+                               "by it; grpo and rloo need >= 2 (the other samples of a prompt are the baseline)",
+                               low=1)
+    algorithm: str = opt("ppo", "ppo = GAE with a critic (kl_coef, cliprange); grpo = group-normalised advantages, KL "
+                         "in the loss; rloo = leave-one-out baseline; reinforce_pp = batch-whitened returns, KL in "
+                         "the reward. The last three load, plan and save no value role (rl/algorithms.py)",
+                         choices=("ppo", "grpo", "rloo", "reinforce_pp"))
+    beta: float = opt(0.04, "KL coefficient of grpo/rloo/reinforce_pp (TRL's name; ppo uses kl_coef); 0 = no "
+                      "reference forward at all, objective/kl is then logged as 0", low=0.0)
+    epsilon: float = opt(0.2, "lower clip range of the policy ratio for grpo/rloo/reinforce_pp (ppo uses cliprange)",
+                         low=0.0)
+    epsilon_high: float | None = opt(None, "upper clip range (DAPO's clip-higher, e.g. 0.28); null = epsilon",
+                                     low=0.0)
+    loss_type: str = opt("dapo", "how grpo/rloo/reinforce_pp average token losses: grpo = per-sequence mean then "
+                         "batch mean; dr_grpo = sum / (rows x response_length); dapo = over the tokens of all ranks; "
+                         "bnpo = over this rank's tokens (ppo: always a token mean, as TRL's PPO)",
+                         choices=("grpo", "dr_grpo", "dapo", "bnpo"))
+    scale_rewards: str = opt("group", "grpo: divide advantages by the std of the prompt's group, of the batch, or "
+                             "none (Dr. GRPO)", choices=("group", "batch", "none"))
+    mask_truncated_completions: bool = opt(False, "responses without a stop token add no loss (they still count "
+                                           "in the baselines); every algorithm")
     num_mini_batches: int = opt(1, "minibatches per PPO epoch (optimizer steps per epoch)", low=1)
     num_ppo_epochs: int = opt(4, "passes over each rollout batch", low=1)
     response_length: int = opt(53, "new tokens generated per prompt", low=1)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -29,6 +30,7 @@ from .memory.plan import enforce_budget, gradient_checkpointing, micro_batches, 
 from .models.roles import RoleModel
 from .models.run_metadata import META_FILE, check_base, read_run_metadata
 from .rewards import Scorer
+from .rl.algorithms import check_algorithm, has_critic
 from .rl.health import HeldOutEval
 from .rl.rollout import stop_token_ids
 from .rl.trainer import PPOTrainer
@@ -161,10 +163,14 @@ def run_reward(cfg: RecipeConfig, run_dir: Path) -> dict:
 
 def load_roles(cfg: RecipeConfig, run_dir: Path, base=None, tokenizer=None) -> RoleModel:
     """The PPO roles on one base: sft and reward from the run if present, policy from sft (or fresh), value fresh
-    (or from the run when resuming)."""
+    (or from the run when resuming). The critic-free algorithms get no value role and no value head."""
+    check_algorithm(cfg.ppo)  # before the base loads: a wrong group size must not wait for a 7B model
+    critic = has_critic(cfg.ppo.algorithm)
+    # lora.critic=shared means "a value head on the policy": without a critic there is none, so no head is built
+    lora = cfg.lora if critic else dataclasses.replace(cfg.lora, critic="separate")
     if base is None:
         base, tokenizer = load_base(cfg.model)
-    wanted = ["policy", "value"]
+    wanted = ["policy", "value"] if critic else ["policy"]
     if (run_dir / "sft" / "adapter_config.json").is_file():
         wanted.append("sft")
     if cfg.rewards.learned_weight:
@@ -172,9 +178,9 @@ def load_roles(cfg: RecipeConfig, run_dir: Path, base=None, tokenizer=None) -> R
         wanted.append("reward")
     kwargs = dict(base_name=cfg.model.name, quantization=cfg.model.quantization, roles=tuple(wanted), seed=cfg.seed)
     if (run_dir / META_FILE).is_file():
-        model = RoleModel.load(base, tokenizer, run_dir, cfg.lora, **kwargs)
+        model = RoleModel.load(base, tokenizer, run_dir, lora, **kwargs)
     else:
-        model = RoleModel(base, tokenizer, cfg.lora, **kwargs)
+        model = RoleModel(base, tokenizer, lora, **kwargs)
     fresh_critic = "value" in model.roles and not (run_dir / "value" / "adapter_config.json").is_file()
     if fresh_critic and cfg.lora.critic_init == "reward" and "reward" in model.roles:
         copy_role(model, "reward", "value")

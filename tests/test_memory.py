@@ -350,3 +350,47 @@ def test_plan_recipe_plans_generation_for_the_decode_mode():
                          shape=LLAMA2_7B)
     assert static.peak_bytes("generate") > generate.peak_bytes("generate")
     assert static.peak_bytes("train") == generate.peak_bytes("train")
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_algorithms_plan_no_value_adapter_head_or_optimizer_states(algorithm, critic):
+    from lowrank_rlhf.config import load_recipe
+    from lowrank_rlhf.memory.estimate import ADAPTER_PARAM_BYTES, OPTIMIZER_BYTES_PER_TRAINED_PARAM
+    from lowrank_rlhf.memory.plan import plan_recipe, recipe_adapters, recipe_peaks
+
+    overrides = ["model.name=llama2-7b", "model.device=cuda", "ppo.rollout_batch_size=32", "ppo.response_length=256",
+                 "data.max_prompt_length=256", "ppo.num_generations=4", f"lora.critic={critic}"]
+    ppo_cfg, cf_cfg = load_recipe(None, overrides), load_recipe(None, overrides + [f"ppo.algorithm={algorithm}"])
+    ppo_plan, cf_plan = (plan_recipe(c, budget="200GiB", shape=LLAMA2_7B) for c in (ppo_cfg, cf_cfg))
+    adapter = lora_params(LLAMA2_7B, 16, "all-linear")
+    head = LLAMA2_7B.hidden_size + 1
+    # the floor loses the value adapter (separate critic) and the value head, each with its optimizer states
+    value_params = (adapter if critic == "separate" else 0) + head
+    assert ppo_plan.floor_bytes - cf_plan.floor_bytes == value_params * (
+        ADAPTER_PARAM_BYTES + OPTIMIZER_BYTES_PER_TRAINED_PARAM)
+    assert recipe_adapters(cf_cfg).n_trainable == 1 and recipe_adapters(cf_cfg).n_trainable_heads == 0
+    # at the same micro-batches every phase is smaller, the train peak by at least what the floor lost
+    same = {"generate": 8, "score": 8, "train": 4}
+    ppo_peaks, cf_peaks = (recipe_peaks(c, LLAMA2_7B, same, True) for c in (ppo_cfg, cf_cfg))
+    assert all(cf_peaks[p] < ppo_peaks[p] for p in same)
+    assert ppo_peaks["train"] - cf_peaks["train"] >= ppo_plan.floor_bytes - cf_plan.floor_bytes
+
+
+def test_lowrank_rlhf_plan_shows_the_smaller_critic_free_plan():
+    import subprocess
+    import sys
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "llama2-7b-rtx3090.yaml"
+
+    def plan_output(*overrides):
+        out = subprocess.run([sys.executable, "-m", "lowrank_rlhf", "plan", str(recipe), "--json", *overrides],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+    # minibatches of 4 rows: both plans train at micro-batch 4, so their train peaks compare like for like
+    sizes = ("ppo.rollout_batch_size=32", "ppo.num_mini_batches=8", "ppo.num_generations=4")
+    ppo, grpo = plan_output(*sizes), plan_output(*sizes, "ppo.algorithm=grpo")
+    assert ppo["phases"]["train"]["micro_batch"] == grpo["phases"]["train"]["micro_batch"] == 4
+    assert grpo["phases"]["train"]["peak_bytes"] < ppo["phases"]["train"]["peak_bytes"]
+    assert grpo["floor_bytes"] < ppo["floor_bytes"]

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_rlhf.config import load_recipe
+from lowrank_rlhf.config import ConfigError, load_recipe
 from lowrank_rlhf.models.loading import load_base
 from lowrank_rlhf.models.roles import RoleModel
+from lowrank_rlhf.rl.algorithms import has_critic
 from lowrank_rlhf.rl.trainer import NonFiniteError, PPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,8 @@ def letter_share(tokenizer):
 def make_trainer(cfg, critic="separate", scorer=None, **kwargs):
     cfg.lora.critic = critic
     base, tok = load_base(cfg.model)
-    model = RoleModel(base, tok, cfg.lora, roles=("policy", "value"), base_name=cfg.model.name,
+    roles = ("policy", "value") if has_critic(cfg.ppo.algorithm) else ("policy",)  # critic-free: no value role
+    model = RoleModel(base, tok, cfg.lora, roles=roles, base_name=cfg.model.name,
                       quantization=cfg.model.quantization)
     prompts = [tok(f"prompt {i} " + "xy" * (i % 4))["input_ids"] for i in range(12)]
     return PPOTrainer(model, cfg, prompts, scorer or letter_share(tok), show_progress=False, **kwargs)
@@ -203,3 +205,116 @@ def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
     resumed.train()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+# ================================================================================== critic-free algorithms
+CRITIC_FREE = ["grpo", "rloo", "reinforce_pp"]
+
+
+def critic_free(tmp_path, algorithm, *overrides):
+    """Two prompts x two samples per step; beta > 0, so the reference pass and the KL terms are exercised."""
+    return recipe(tmp_path, f"ppo.algorithm={algorithm}", "ppo.num_generations=2", "ppo.beta=0.1", *overrides)
+
+
+@pytest.mark.parametrize("algorithm", CRITIC_FREE)
+def test_critic_free_kl_is_zero_at_step_zero_and_micro_batch_size_does_not_change_the_step(tmp_path, algorithm):
+    one = make_trainer(critic_free(tmp_path / "a", algorithm, "ppo.total_steps=1", "ppo.loss_type=grpo"),
+                       micro_batches={"generate": 1, "score": 1, "train": 1})
+    four = make_trainer(critic_free(tmp_path / "b", algorithm, "ppo.total_steps=1", "ppo.loss_type=grpo"),
+                        micro_batches={"generate": 4, "score": 4, "train": 4})
+    assert one.value_params == [] and "value" not in one.model.heads
+    before = adapter_weights(one)
+    metrics, other = one.train_step(), four.train_step()
+    assert metrics["objective/kl"] == 0.0 and metrics["kl_coef"] == 0.1
+    after = adapter_weights(one)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the step did train
+    assert_same(after, adapter_weights(four), atol=1e-5)
+    # AdamW forgives a gradient that is only scaled; the loss, summed over micro-batches, does not
+    assert metrics["loss/policy_avg"] == pytest.approx(other["loss/policy_avg"], abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
+def test_grpo_loss_types_do_not_depend_on_the_micro_batch(tmp_path, loss_type):
+    one = make_trainer(critic_free(tmp_path / "a", "grpo", "ppo.total_steps=1", f"ppo.loss_type={loss_type}",
+                                   "ppo.epsilon_high=0.28"), micro_batches={"train": 1})
+    four = make_trainer(critic_free(tmp_path / "b", "grpo", "ppo.total_steps=1", f"ppo.loss_type={loss_type}",
+                                    "ppo.epsilon_high=0.28"), micro_batches={"train": 4})
+    metrics, other = one.train_step(), four.train_step()
+    assert_same(adapter_weights(one), adapter_weights(four), atol=1e-5)
+    assert metrics["loss/policy_avg"] == pytest.approx(other["loss/policy_avg"], abs=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", CRITIC_FREE)
+def test_critic_free_resume_is_exact_and_nothing_of_a_critic_is_saved(tmp_path, algorithm):
+    straight = make_trainer(critic_free(tmp_path / "a", algorithm, "ppo.total_steps=3"))
+    straight.train()
+    interrupted = make_trainer(critic_free(tmp_path / "b", algorithm, "ppo.total_steps=3"))
+    interrupted.train_step()
+    interrupted.save_checkpoint()
+    resumed = make_trainer(critic_free(tmp_path / "b", algorithm, "ppo.total_steps=3", "ppo.resume=true"))
+    resumed.train()
+    assert resumed.step == 3
+    assert_same(adapter_weights(straight), adapter_weights(resumed), atol=0)
+    for run in (tmp_path / "a", tmp_path / "b"):
+        assert (run / "policy" / "adapter_model.safetensors").is_file()
+        saved = [p.relative_to(run).as_posix() for p in run.rglob("*")]
+        assert not [p for p in saved if "value" in p], saved
+        meta = json.loads((run / "lowrank_rlhf.json").read_text()) if (run / "lowrank_rlhf.json").is_file() else None
+        assert meta is None or ("value" not in meta["roles"] and meta["heads"] == [])
+
+
+def count_reference_forwards(trainer, monkeypatch) -> list:
+    from lowrank_rlhf.models.roles import REFERENCE
+
+    calls, forward = [], trainer.model.response_logprobs
+
+    def counted(role, *args, **kwargs):
+        if role == REFERENCE:
+            calls.append(len(args[0]))
+        return forward(role, *args, **kwargs)
+    monkeypatch.setattr(trainer.model, "response_logprobs", counted)
+    return calls
+
+
+@pytest.mark.parametrize("algorithm", CRITIC_FREE)
+def test_beta_zero_runs_no_reference_forward(tmp_path, monkeypatch, algorithm):
+    with_kl = make_trainer(critic_free(tmp_path / "a", algorithm, "ppo.total_steps=1"))
+    calls = count_reference_forwards(with_kl, monkeypatch)
+    with_kl.train_step()
+    assert sum(calls) == 4  # the counter sees the reference pass when there is one
+    without = make_trainer(critic_free(tmp_path / "b", algorithm, "ppo.total_steps=1", "ppo.beta=0"))
+    calls = count_reference_forwards(without, monkeypatch)
+    before = adapter_weights(without)
+    metrics = without.train_step()
+    assert calls == [] and metrics["objective/kl"] == 0.0
+    assert any(not torch.equal(before[k], v) for k, v in adapter_weights(without).items())
+
+
+def test_mask_truncated_completions_learns_nothing_from_truncated_responses(tmp_path):
+    trainer = make_trainer(critic_free(tmp_path, "grpo", "ppo.mask_truncated_completions=true", "ppo.beta=0"),
+                           force_response_length=True)  # no response ends with a stop token
+    before = adapter_weights(trainer)
+    metrics = trainer.train_step()
+    assert metrics["skipped"] == 0
+    assert_same(before, adapter_weights(trainer), atol=0)
+
+
+def test_critic_free_trainer_refuses_a_model_with_a_critic(tmp_path):
+    cfg = critic_free(tmp_path, "grpo")
+    base, tok = load_base(cfg.model)
+    model = RoleModel(base, tok, cfg.lora, roles=("policy", "value"))
+    with pytest.raises(ValueError, match="trains no critic"):
+        PPOTrainer(model, cfg, [[1, 2, 3]], letter_share(tok), show_progress=False)
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_load_roles_builds_no_value_role_or_head_for_critic_free_algorithms(tmp_path, critic):
+    from lowrank_rlhf.pipeline import load_roles
+
+    cfg = critic_free(tmp_path, "rloo", f"lora.critic={critic}", "rewards.learned_weight=0")
+    model = load_roles(cfg, tmp_path)
+    assert model.roles == ("policy",) and len(model.heads) == 0
+    assert not any("value" in name for name, _ in model.named_parameters())
+    cfg.ppo.num_generations = 1
+    with pytest.raises(ConfigError, match="ppo.num_generations: rloo needs at least 2"):
+        load_roles(cfg, tmp_path)

@@ -17,6 +17,7 @@ import torch
 from . import PHASES
 from ..config import ConfigError, RecipeConfig
 from ..models.loading import compute_dtype, resolve_model_path
+from ..rl.algorithms import check_algorithm, has_critic
 from .estimate import AdapterSpec, estimate_generate, estimate_score, estimate_train, quantization_kind, static_floor
 from .shapes import KNOWN_SHAPES, ModelShape, lora_targets, resolve_targets
 from .sizes import format_bytes, parse_bytes
@@ -108,7 +109,7 @@ def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets:
          n_trainable_adapters: int, prompt_len: int, response_len: int, rollout_batch: int,
          budget_bytes: int | str, dtype_bytes: int = 2, *, n_frozen_adapters: int = 2,
          train_batch: int | None = None, flash_attention: bool = True, static_cache: bool = False,
-         bases: int = 1) -> MemoryPlan:
+         bases: int = 1, n_trainable_heads: int = 1) -> MemoryPlan:
     """Largest power-of-two micro-batch per phase that fits ``BUDGET_FRACTION * budget``.
 
     ``train_batch`` (the PPO minibatch; default ``rollout_batch``) caps the train micro-batch.
@@ -116,12 +117,13 @@ def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets:
     without it. A phase that does not fit even at micro-batch 1 is planned at 1 with
     ``fits=False``. Raises ``MemoryBudgetError`` when the budget is below the static floor. ``bases``: copies of
     the base weights on the device (3 for the four-model layout the benchmark compares against).
+    ``n_trainable_heads``: 1 = the value head, 0 for the critic-free algorithms.
     """
     if rollout_batch < 1 or prompt_len < 0 or response_len < 1:
         raise ValueError("rollout_batch and response_len must be >= 1 and prompt_len >= 0")
     budget = parse_bytes(budget_bytes)
     lora = AdapterSpec(r=lora_r, targets=tuple(resolve_targets(lora_targets)), n_trainable=n_trainable_adapters,
-                       n_frozen=n_frozen_adapters)
+                       n_frozen=n_frozen_adapters, n_trainable_heads=n_trainable_heads)
     floor = static_floor(shape, quantization, lora, dtype_bytes, bases)["total"]
     if budget < floor:
         unit = "GiB" if floor >= 1024**3 else None  # a tiny model's floor is not "0.00 GiB"
@@ -218,11 +220,13 @@ def recipe_dtype_bytes(cfg: RecipeConfig) -> int:
 
 def recipe_adapters(cfg: RecipeConfig, frozen_adapters: int = 2) -> AdapterSpec:
     """The adapters of a recipe's PPO stage: policy and (with a separate critic) value trained; by default sft (the
-    reference) and reward frozen."""
-    n_trainable = 2 if cfg.lora.critic == "separate" else 1
+    reference) and reward frozen. The critic-free algorithms (grpo, rloo, reinforce_pp) train the policy alone: no
+    value adapter, no value head, no optimizer states for either."""
+    critic = has_critic(cfg.ppo.algorithm)
+    n_trainable = 2 if critic and cfg.lora.critic == "separate" else 1
     targets = lora_targets(cfg.lora.target_modules)
     return AdapterSpec(r=cfg.lora.r, targets=targets if isinstance(targets, str) else tuple(targets),
-                       n_trainable=n_trainable, n_frozen=frozen_adapters)
+                       n_trainable=n_trainable, n_frozen=frozen_adapters, n_trainable_heads=1 if critic else 0)
 
 
 def plan_recipe(cfg: RecipeConfig, budget: str | int | None = None, shape: ModelShape | None = None, *,
@@ -231,6 +235,7 @@ def plan_recipe(cfg: RecipeConfig, budget: str | int | None = None, shape: Model
 
     `bases` and `frozen_adapters` describe another layout of the same roles (the benchmark's four-model baseline:
     3 bases, only the reward adapter frozen)."""
+    check_algorithm(cfg.ppo)
     shape = shape or model_shape(cfg.model.name, cfg.model.trust_remote_code)
     here = torch.device("cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu")
     budget_bytes = budget if isinstance(budget, int) else resolve_budget(budget or cfg.memory.budget, here)
@@ -240,7 +245,7 @@ def plan_recipe(cfg: RecipeConfig, budget: str | int | None = None, shape: Model
                 rollout_batch=cfg.ppo.rollout_batch_size, budget_bytes=budget_bytes,
                 dtype_bytes=recipe_dtype_bytes(cfg), n_frozen_adapters=lora.n_frozen,
                 train_batch=cfg.ppo.rollout_batch_size // cfg.ppo.num_mini_batches,
-                static_cache=cfg.ppo.decode != "generate", bases=bases)
+                static_cache=cfg.ppo.decode != "generate", bases=bases, n_trainable_heads=lora.n_trainable_heads)
 
 
 def recipe_peaks(cfg: RecipeConfig, shape: ModelShape, micro_batches: dict[str, int], gradient_checkpointing: bool,

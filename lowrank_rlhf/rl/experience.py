@@ -42,18 +42,23 @@ class Experience:
 
     rollout: Rollout
     logprobs: torch.Tensor         # [B, R] policy logprobs at sampling time (the "old" policy of the ratio)
-    ref_logprobs: torch.Tensor     # [B, R] reference (sft) logprobs, same code path and temperature
-    values: torch.Tensor           # [B, R] V(s_t) before each response token
-    kl: torch.Tensor               # [B, R] per-token KL estimate, policy vs reference
+    ref_logprobs: torch.Tensor | None  # [B, R] reference (sft) logprobs, same path and temperature; None: beta=0
+    values: torch.Tensor | None    # [B, R] V(s_t) before each response token; None without a critic
+    kl: torch.Tensor               # [B, R] per-token KL estimate, policy vs reference (0 when not measured)
     raw_scores: torch.Tensor       # [B] the reward sources' weighted sum
     scores: torch.Tensor           # [B] raw_scores after the missing-eos penalty, normalisation and clipping
     non_score_reward: torch.Tensor | None = None  # [B, R] -kl_coef * kl (set with the advantages)
     advantages: torch.Tensor | None = None        # [B, R] whitened
-    returns: torch.Tensor | None = None           # [B, R] value targets
+    returns: torch.Tensor | None = None           # [B, R] value targets (PPO only)
+    loss_mask: torch.Tensor | None = None         # [B, R] tokens the update learns from; None = mask
 
     @property
     def mask(self) -> torch.Tensor:
         return self.rollout.response_mask
+
+    @property
+    def train_mask(self) -> torch.Tensor:
+        return self.mask if self.loss_mask is None else self.loss_mask
 
     def __len__(self) -> int:
         return len(self.rollout)
@@ -75,11 +80,12 @@ class TrainBatch:
     input_ids: torch.Tensor        # [n, T]
     attention_mask: torch.Tensor   # [n, T]
     response_start: int
-    response_mask: torch.Tensor    # [n, W] float
+    response_mask: torch.Tensor    # [n, W] float; the Experience's train_mask
     old_logprobs: torch.Tensor     # [n, W]
-    old_values: torch.Tensor       # [n, W]
     advantages: torch.Tensor       # [n, W]
-    returns: torch.Tensor          # [n, W]
+    old_values: torch.Tensor | None = None    # [n, W] (PPO)
+    returns: torch.Tensor | None = None       # [n, W] (PPO)
+    ref_logprobs: torch.Tensor | None = None  # [n, W] (GRPO's KL in the loss)
 
     @classmethod
     def take(cls, exp: Experience, rows: torch.Tensor) -> "TrainBatch":
@@ -87,8 +93,10 @@ class TrainBatch:
         mask = rollout.attention_mask[rows]
         left, right = trim_columns(mask, rollout.response_start)
         width = right - rollout.response_start
+
+        def cols(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows, :width]
         return cls(input_ids=rollout.input_ids[rows, left:right], attention_mask=mask[:, left:right],
-                   response_start=rollout.response_start - left,
-                   response_mask=rollout.response_mask[rows, :width].float(),
-                   old_logprobs=exp.logprobs[rows, :width], old_values=exp.values[rows, :width],
-                   advantages=exp.advantages[rows, :width], returns=exp.returns[rows, :width])
+                   response_start=rollout.response_start - left, response_mask=cols(exp.train_mask).float(),
+                   old_logprobs=cols(exp.logprobs), advantages=cols(exp.advantages), old_values=cols(exp.values),
+                   returns=cols(exp.returns), ref_logprobs=cols(exp.ref_logprobs))

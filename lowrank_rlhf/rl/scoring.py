@@ -10,6 +10,7 @@ import torch
 from ..config import PPOConfig
 from ..memory.runner import MicroBatchRunner
 from ..models.roles import REFERENCE, RoleModel
+from .algorithms import has_critic, needs_reference
 from .experience import Experience, Rollout, trim_columns
 from .ppo import RunningMoments, kl_penalty, normalize_and_clip_scores
 
@@ -45,7 +46,9 @@ def map_rows(rollout: Rollout, runner: MicroBatchRunner, fn: RowFn) -> torch.Ten
 @torch.no_grad()
 def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: MicroBatchRunner, ppo: PPOConfig,
                   score_moments: RunningMoments) -> Experience:
-    temp, shared = ppo.temperature, model.critic == "shared"
+    """Without a critic (grpo, rloo, reinforce_pp) no values; with beta=0 no reference forward either."""
+    critic, reference_pass = has_critic(ppo.algorithm), needs_reference(ppo)
+    temp, shared = ppo.temperature, critic and model.critic == "shared"
 
     def policy(ids, mask, start):
         out = model.response_logprobs("policy", ids, mask, start, temp, with_values=shared)
@@ -57,8 +60,8 @@ def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: Mi
 
     policy_out = map_rows(rollout, runner, policy)
     logprobs = policy_out[..., 0] if shared else policy_out
-    ref_logprobs = map_rows(rollout, runner, reference)
-    values = policy_out[..., 1] if shared else map_rows(rollout, runner, model.token_values)
+    ref_logprobs = map_rows(rollout, runner, reference) if reference_pass else None
+    values = (policy_out[..., 1] if shared else map_rows(rollout, runner, model.token_values)) if critic else None
     raw_scores = scorer(rollout, runner).float().to(logprobs.device)
     scores = raw_scores
     if ppo.missing_eos_penalty is not None:
@@ -66,6 +69,8 @@ def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: Mi
     if ppo.normalize_scores or ppo.score_clip is not None:
         scores = normalize_and_clip_scores(scores, score_moments if ppo.normalize_scores else None, ppo.score_clip)
     mask = rollout.response_mask
-    return Experience(rollout=rollout, logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
-                      values=values * mask, kl=kl_penalty(logprobs, ref_logprobs, ppo.kl_estimator) * mask,
-                      raw_scores=raw_scores, scores=scores)
+    kl = (kl_penalty(logprobs, ref_logprobs, ppo.kl_estimator) * mask if reference_pass
+          else torch.zeros_like(logprobs))  # beta=0: not measured
+    return Experience(rollout=rollout, logprobs=logprobs * mask,
+                      ref_logprobs=ref_logprobs * mask if reference_pass else None,
+                      values=values * mask if critic else None, kl=kl, raw_scores=raw_scores, scores=scores)

@@ -1,5 +1,8 @@
 """The PPO loop. `train_step` tells one step top to bottom: rollout -> score -> advantages -> update -> metrics.
 
+The critic-free algorithms (ppo.algorithm: grpo, rloo, reinforce_pp) run the same loop without a value role; they
+differ only in their advantages and how the update averages its token losses (algorithms.py).
+
 One quantized base plays every role through its adapters (models/roles.py). Every phase runs in micro-batches
 chosen by the memory planner; an out-of-memory error halves that phase's micro-batch and redoes the same rows, and
 because sampling is keyed per row (sampling.py) and losses are token-weighted sums, the result never depends on
@@ -28,6 +31,7 @@ from ..memory import PHASES
 from ..memory.runner import MicroBatchRunner
 from ..models.roles import RoleModel
 from ..signals import STOP_SIGNALS, Interrupted
+from . import algorithms
 from . import state as run_state
 from .decoding import StaticDecoder
 from .experience import Experience, Rollout, TrainBatch
@@ -63,6 +67,11 @@ class PPOTrainer:
         self.force_response_length = force_response_length
         self.show_progress, self.on_step = show_progress, on_step
         self.state = PartialState()
+        algorithms.check_algorithm(self.ppo)
+        self.critic = algorithms.has_critic(self.ppo.algorithm)
+        if not self.critic and ("value" in model.roles or "value" in model.heads or model.critic == "shared"):
+            raise ValueError(f"ppo.algorithm={self.ppo.algorithm} trains no critic: build the model without a value "
+                             f"role or head, with lora.critic=separate (pipeline.load_roles does)")
         for key in ("num_mini_batches", "num_generations"):
             if self.ppo.rollout_batch_size % getattr(self.ppo, key):
                 raise ConfigError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be divisible by "
@@ -74,7 +83,8 @@ class PPOTrainer:
         # The value head trains at value_learning_rate also when it sits on the policy adapter (critic: shared).
         head = list(model.heads["value"].parameters()) if "value" in model.heads else []
         self.policy_params = [p for p in model.role_parameters("policy") if all(p is not h for h in head)]
-        self.value_params = head if model.critic == "shared" else model.role_parameters("value")
+        self.value_params = ([] if not self.critic else head if model.critic == "shared"
+                             else model.role_parameters("value"))
         groups = [{"params": self.policy_params, "lr": self.ppo.learning_rate}]
         if self.value_params:
             groups.append({"params": self.value_params, "lr": self.ppo.value_learning_rate})
@@ -82,7 +92,9 @@ class PPOTrainer:
         updates = self.ppo.total_steps * self.ppo.num_ppo_epochs * self.ppo.num_mini_batches
         self.scheduler = get_scheduler(self.ppo.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
                                        num_training_steps=updates)
-        self.kl_ctl = (AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
+        # PPO's kl_coef (adaptive if asked); the critic-free algorithms' beta, fixed as in TRL
+        self.kl_ctl = (FixedKLController(self.ppo.beta) if not self.critic
+                       else AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
                        if self.ppo.adaptive_kl else FixedKLController(self.ppo.kl_coef))
         self.score_moments = RunningMoments()
         self.decoder = (StaticDecoder(model.causal_lm, compiled=self.ppo.decode == "static-compiled")
@@ -142,7 +154,8 @@ class PPOTrainer:
         # 2. Score, without gradients: policy and reference logprobs, values, the reward sources, per-token KL.
         with self.clock.phase("score"):
             exp = self.score(rollout)
-        # 3. Advantages: -kl_coef * KL on every token plus the score on the last one, GAE, whitening.
+        # 3. Advantages: -kl_coef * KL on every token plus the score on the last one, GAE, whitening (PPO); or
+        #    a baseline from the other samples (critic-free, algorithms.py).
         exp = self.advantages(exp)
         # 4. Update: num_ppo_epochs passes over shuffled minibatches; each minibatch is one optimizer step.
         with self.clock.phase("train"):
@@ -178,12 +191,19 @@ class PPOTrainer:
         return score_rollout(self.model, rollout, self.scorer, self.runners["score"], self.ppo, self.score_moments)
 
     def advantages(self, exp: Experience) -> Experience:
+        ppo = self.ppo
+        # mask_truncated_completions: a response without a stop token still counts in the baselines, adds no loss
+        loss_mask = exp.mask * exp.rollout.has_stop.unsqueeze(1) if ppo.mask_truncated_completions else None
+        if not self.critic:
+            advantages, non_score = algorithms.critic_free_advantages(
+                ppo.algorithm, exp.scores, exp.kl, exp.mask, ppo.num_generations, self.kl_ctl.value, ppo.scale_rewards)
+            return dataclasses.replace(exp, non_score_reward=non_score, advantages=advantages, loss_mask=loss_mask)
         rewards, non_score = token_rewards(exp.scores, exp.kl, exp.mask, self.kl_ctl.value)
-        if self.ppo.whiten_rewards:
+        if ppo.whiten_rewards:
             rewards = masked_whiten(rewards, exp.mask, shift_mean=False)
-        advantages, returns = gae(rewards, exp.values, exp.mask, self.ppo.gamma, self.ppo.lam)
+        advantages, returns = gae(rewards, exp.values, exp.mask, ppo.gamma, ppo.lam)
         return dataclasses.replace(exp, non_score_reward=non_score, advantages=masked_whiten(advantages, exp.mask),
-                                   returns=returns)
+                                   returns=returns, loss_mask=loss_mask)
 
     def minibatches(self, batch: int, epoch: int) -> list[torch.Tensor]:
         """A seeded shuffle per (step, epoch), cut into num_mini_batches equal parts."""
@@ -193,13 +213,17 @@ class PPOTrainer:
 
     # ================================================================================== the update
     def optimizer_step(self, exp: Experience, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimizer step on `rows`: the gradient is accumulated over micro-batches as a token-weighted mean, so
-        micro-batching never changes it; a non-finite loss or gradient skips the step (counted, not averaged)."""
+        """One optimizer step on `rows`: each micro-batch adds its share of the minibatch loss (a sum divided by
+        counts of the whole minibatch), so micro-batching never changes the gradient; a non-finite loss or gradient
+        skips the step (counted, not averaged)."""
         self.optimizer.zero_grad(set_to_none=True)
         rows = rows[torch.argsort(exp.rollout.attention_mask[rows].sum(1), stable=True)]  # similar lengths together
-        n_tokens = exp.mask[rows].sum().clamp(min=1)
+        n_tokens = exp.train_mask[rows].sum().clamp(min=1)
+        # dapo divides by the tokens of all ranks: the rank mean of the count, since the gradients are rank-averaged
+        global_count = not self.critic and self.ppo.loss_type == "dapo" and self.state.num_processes > 1
+        loss_tokens = reduce(n_tokens.float(), "mean") if global_count else n_tokens
         parts = self.runners["train"].run(len(rows), lambda a, b: self.accumulate(TrainBatch.take(exp, rows[a:b]),
-                                                                                   n_tokens))
+                                                                                   n_tokens, len(rows), loss_tokens))
         stats = {k: torch.stack([p[k] for p in parts]).sum() for k in parts[0]}
         self._average_grads_across_ranks()
         # One gradient norm per role serves the finiteness check and the clipping; one host sync decides.
@@ -229,38 +253,62 @@ class PPOTrainer:
             raise NonFiniteError(f"{self.nan_skips} PPO updates in a row had NaN/inf losses or gradients; lower "
                                  f"ppo.learning_rate or check the reward (max_nan_skips={self.ppo.max_nan_skips})")
 
-    def accumulate(self, batch: TrainBatch, n_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses of one micro-batch, scaled by its share of the minibatch's tokens. Gradients come from
-        autograd.grad and are added to .grad only at the end, so an OOM halfway leaves nothing half-accumulated."""
+    def accumulate(self, batch: TrainBatch, n_tokens: torch.Tensor, n_rows: int,
+                   loss_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch as its share of the minibatch's loss. Gradients come from autograd.grad and are
+        added to .grad only at the end, so an OOM halfway leaves nothing half-accumulated."""
         model, ppo = self.model, self.ppo
-        weight = batch.response_mask.sum() / n_tokens
-        shared = model.critic == "shared"
+        weight = batch.response_mask.sum() / n_tokens  # this micro-batch's share of the minibatch's tokens
+        shared = self.critic and model.critic == "shared"
         out = model.response_logprobs("policy", batch.input_ids, batch.attention_mask, batch.response_start,
                                       ppo.temperature, with_values=shared, with_logits=True)
-        pg_loss, pg_stats = policy_loss(out["logprobs"], batch.old_logprobs, batch.advantages, batch.response_mask,
-                                        ppo.cliprange)
-        if shared:
-            values = out["values"]
+        if self.critic:  # PPO: the clipped surrogate as a token mean (TRL's PPO), this micro-batch's share of it
+            pg_loss, pg_stats = policy_loss(out["logprobs"], batch.old_logprobs, batch.advantages, batch.response_mask,
+                                            ppo.cliprange)
+            pg_loss = pg_loss * weight
         else:
-            policy_grads = torch.autograd.grad(pg_loss * weight, self.policy_params)
-            # A separate backward per role: with gradient checkpointing, a backward that spans two roles would
-            # recompute the first role's layers under the adapter that is active by then.
-            values = model.token_values(batch.input_ids, batch.attention_mask, batch.response_start)
-        vf_loss, vf_stats = value_loss(values, batch.old_values, batch.returns, batch.response_mask,
-                                       ppo.cliprange_value)
-        if shared:
-            grads = torch.autograd.grad((pg_loss + ppo.vf_coef * vf_loss) * weight,
-                                        self.policy_params + self.value_params)
+            pg_loss, pg_stats = self.critic_free_loss(out["logprobs"], batch, n_rows, loss_tokens)
+        stats = {"policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+                 "val/ratio": pg_stats["ratio"]}
+        if not self.critic:
+            grads = torch.autograd.grad(pg_loss, self.policy_params)
         else:
-            grads = policy_grads + torch.autograd.grad(ppo.vf_coef * vf_loss * weight, self.value_params)
+            if shared:
+                values = out["values"]
+            else:
+                policy_grads = torch.autograd.grad(pg_loss, self.policy_params)
+                # A separate backward per role: with gradient checkpointing, a backward that spans two roles would
+                # recompute the first role's layers under the adapter that is active by then.
+                values = model.token_values(batch.input_ids, batch.attention_mask, batch.response_start)
+            vf_loss, vf_stats = value_loss(values, batch.old_values, batch.returns, batch.response_mask,
+                                           ppo.cliprange_value)
+            if shared:
+                grads = torch.autograd.grad(pg_loss + ppo.vf_coef * vf_loss * weight,
+                                            self.policy_params + self.value_params)
+            else:
+                grads = policy_grads + torch.autograd.grad(ppo.vf_coef * vf_loss * weight, self.value_params)
+            stats.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_stats["clipfrac"]})
         for param, grad in zip(self.policy_params + self.value_params, grads):
             param.grad = grad if param.grad is None else param.grad + grad
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(out["logits"]), batch.response_mask)
-        stats = {"loss/policy_avg": pg_loss, "loss/value_avg": vf_loss, "policy/approxkl_avg": pg_stats["approxkl"],
-                 "policy/clipfrac_avg": pg_stats["clipfrac"], "val/clipfrac_avg": vf_stats["clipfrac"],
-                 "policy/entropy_avg": entropy, "val/ratio": pg_stats["ratio"]}
-        return {k: v.detach().float() * weight for k, v in stats.items()}
+            stats["policy/entropy_avg"] = masked_mean(entropy_from_logits(out["logits"]), batch.response_mask)
+        # token-weighted means add up over micro-batches; the loss already is this micro-batch's share
+        return {"loss/policy_avg": pg_loss.detach().float(),
+                **{k: v.detach().float() * weight for k, v in stats.items()}}
+
+    def critic_free_loss(self, logprobs: torch.Tensor, batch: TrainBatch, n_rows: int,
+                         loss_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """GRPO/RLOO/REINFORCE++: the clipped surrogate per token (epsilon, epsilon_high), GRPO's beta * KL added per
+        token, averaged by loss_type as this micro-batch's share of the minibatch loss (algorithms.py)."""
+        ppo = self.ppo
+        high = ppo.epsilon if ppo.epsilon_high is None else ppo.epsilon_high
+        losses, stats = algorithms.clipped_surrogate(logprobs, batch.old_logprobs, batch.advantages,
+                                                     batch.response_mask, ppo.epsilon, high)
+        if algorithms.kl_in_loss(ppo):
+            losses = losses + self.kl_ctl.value * algorithms.reference_kl(logprobs, batch.ref_logprobs,
+                                                                          batch.response_mask)
+        return algorithms.loss_share(losses, batch.response_mask, ppo.loss_type, n_rows, loss_tokens,
+                                     ppo.response_length), stats
 
     def _average_grads_across_ranks(self) -> None:
         """Data parallel without wrapping the quantized model in DDP: average the adapters' gradients across

@@ -1,0 +1,158 @@
+"""The critic-free algorithms as small pure functions: where GRPO, RLOO and REINFORCE++ differ from PPO.
+
+An algorithm differs from PPO in two places only: its advantages (a baseline from the other samples instead of a
+critic) and how the update averages its token losses (`loss_type`). Everything else (rollout, scoring, the clipped
+surrogate, micro-batching, checkpoints) is the PPO loop's. Where the KL to the reference goes follows the reference
+implementations:
+
+    grpo          in the loss: + beta * k3(policy, reference) per token, recomputed every update (TRL GRPOTrainer)
+    rloo          in the reward: score - beta * sum_t kl_t, before the leave-one-out baseline (TRL RLOOTrainer)
+    reinforce_pp  in the reward, per token: -beta * kl_t on every token + score on the last, returns-to-go,
+                  whitened over the batch (OpenRLHF's REINFORCE++)
+
+The per-token advantage of grpo and rloo is the sequence's advantage on every response token. Shapes as in
+experience.py: per-sequence [B], per-token [B, R] with a mask (1 = response token); rows of one prompt are
+`group_size` consecutive rows (PPOTrainer.prompt_indices).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError, PPOConfig
+from .ppo import kl_penalty, masked_mean, masked_whiten, token_rewards
+
+CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
+GROUP_BASELINES = ("grpo", "rloo")  # need num_generations >= 2
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+STD_EPS = 1e-4  # TRL's: a group whose scores are all equal gets advantage 0, not 0/0
+
+
+def has_critic(algorithm: str) -> bool:
+    return algorithm not in CRITIC_FREE
+
+
+def needs_reference(ppo: PPOConfig) -> bool:
+    """PPO always measures KL; the critic-free algorithms skip the reference forward when beta is 0 (as TRL)."""
+    return has_critic(ppo.algorithm) or ppo.beta > 0
+
+
+def kl_in_loss(ppo: PPOConfig) -> bool:
+    return ppo.algorithm == "grpo" and ppo.beta > 0
+
+
+def check_algorithm(ppo: PPOConfig) -> None:
+    if ppo.algorithm in GROUP_BASELINES and ppo.num_generations < 2:
+        raise ConfigError(f"ppo.num_generations: {ppo.algorithm} needs at least 2 samples per prompt (the others "
+                          f"are its baseline), got {ppo.num_generations}")
+
+
+# --------------------------------------------------------------------------- advantages
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if scores.dim() != 1 or len(scores) % group_size:
+        raise ValueError(f"expected [B] scores with B divisible by group_size={group_size}, got {tuple(scores.shape)}")
+    return scores.view(-1, group_size)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+    """GRPO: each score minus its prompt group's mean, divided by the (unbiased) std of the group, of the whole
+    batch, or by nothing (`scale_rewards` group | batch | none, TRL's). [B] -> [B]."""
+    grouped = _groups(scores, group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale_rewards == "group":
+        return centred / (grouped.std(dim=1).repeat_interleave(group_size) + STD_EPS)
+    if scale_rewards == "batch":
+        return centred / (scores.std() + STD_EPS)
+    if scale_rewards == "none":
+        return centred
+    raise ValueError(f"unknown scale_rewards {scale_rewards!r}; allowed values: group, batch, none")
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each score minus the mean of the other samples of its prompt (leave-one-out). [B] -> [B]."""
+    if group_size < 2:
+        raise ValueError("rloo_advantages needs group_size >= 2")
+    grouped = _groups(scores, group_size)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_{s >= t} r_s per token (gamma = 1), 0 on padding. [B, R] -> [B, R]."""
+    rewards = torch.where(mask.bool(), rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    return rewards.flip(-1).cumsum(-1).flip(-1) * mask
+
+
+def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                            kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++: rewards -kl_coef * kl on every token plus the score on the last, their returns-to-go, whitened
+    over every token of the batch. Returns (advantages [B, R], non_score_reward [B, R])."""
+    rewards, non_score = token_rewards(scores, kl, mask, kl_coef)
+    return masked_whiten(returns_to_go(rewards, mask), mask), non_score
+
+
+def critic_free_advantages(algorithm: str, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                           group_size: int, kl_coef: float, scale_rewards: str = "group"
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The advantages of a critic-free algorithm, per token: (advantages [B, R], non_score_reward [B, R]).
+    non_score_reward is -kl_coef * kl, the KL's price (in grpo it is paid in the loss, not the reward)."""
+    if algorithm == "reinforce_pp":
+        return reinforce_pp_advantages(scores, kl, mask, kl_coef)
+    non_score = -kl_coef * kl * mask
+    if algorithm == "grpo":
+        sequence = group_advantages(scores, group_size, scale_rewards)
+    elif algorithm == "rloo":
+        sequence = rloo_advantages(scores + non_score.sum(1), group_size)
+    else:
+        raise ValueError(f"unknown critic-free algorithm {algorithm!r}; allowed values: {', '.join(CRITIC_FREE)}")
+    return sequence.unsqueeze(1) * mask, non_score
+
+
+# --------------------------------------------------------------------------- the loss
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, epsilon_low: float, epsilon_high: float
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped surrogate (to minimise), ratio clipped to [1 - epsilon_low, 1 + epsilon_high] (DAPO's
+    clip-higher when epsilon_high > epsilon_low). Returns ([B, R] losses, 0 on padding; detached stats as
+    ppo.policy_loss's)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    losses = torch.where(mask.bool(), torch.max(unclipped, clipped), torch.zeros((), dtype=ratio.dtype,
+                                                                                  device=ratio.device))
+    stats = {"clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).detach(),
+             "approxkl": (0.5 * masked_mean(log_ratio**2, mask)).detach(),
+             "ratio": masked_mean(ratio, mask).detach()}
+    return losses, stats
+
+
+def reference_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's per-token KL term, k3 = exp(ref - lp) - (ref - lp) - 1 >= 0 (TRL), 0 on padding."""
+    return kl_penalty(logprobs, ref_logprobs, "k3") * mask
+
+
+def loss_share(losses: torch.Tensor, mask: torch.Tensor, loss_type: str, rows: int | torch.Tensor,
+               tokens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """This micro-batch's share of the minibatch loss: every loss_type is a sum over rows or tokens divided by a
+    count of the whole minibatch (`rows`, `tokens`), so the shares of any split add up to the same loss.
+
+        grpo     sum over rows of (row's token mean) / rows
+        dr_grpo  sum of token losses / (rows * max_len)        (max_len = response_length, TRL's constant)
+        dapo     sum of token losses / tokens                  (tokens: the caller passes all ranks' count / ranks)
+        bnpo     sum of token losses / tokens                  (tokens: this rank's)
+    """
+    mask = mask.to(losses.dtype)
+    if loss_type == "grpo":
+        per_row = (losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return per_row.sum() / rows
+    if loss_type == "dr_grpo":
+        return (losses * mask).sum() / (rows * max_len)
+    if loss_type in ("dapo", "bnpo"):
+        return (losses * mask).sum() / tokens
+    raise ValueError(f"unknown loss_type {loss_type!r}; allowed values: {', '.join(LOSS_TYPES)}")
+
+
+def normalize_loss(losses: torch.Tensor, mask: torch.Tensor, loss_type: str, max_len: int) -> torch.Tensor:
+    """The loss of a whole batch (one rank) under `loss_type`."""
+    return loss_share(losses, mask, loss_type, losses.shape[0], mask.sum().clamp(min=1.0), max_len)

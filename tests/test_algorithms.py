@@ -1,0 +1,140 @@
+"""The critic-free algorithms' math (rl/algorithms.py) on tensors computed by hand, as tests/test_ppo.py does."""
+
+import math
+
+import pytest
+import torch
+
+from lowrank_rlhf.config import ConfigError, load_recipe
+from lowrank_rlhf.rl import algorithms as alg
+
+SQRT2 = math.sqrt(2.0)
+
+
+# --------------------------------------------------------------------------- config
+def test_algorithm_defaults_to_ppo_and_unknown_values_name_the_allowed_ones():
+    ppo = load_recipe(None).ppo
+    assert (ppo.algorithm, ppo.beta, ppo.epsilon, ppo.epsilon_high, ppo.loss_type, ppo.scale_rewards,
+            ppo.mask_truncated_completions) == ("ppo", 0.04, 0.2, None, "dapo", "group", False)
+    with pytest.raises(ConfigError, match="allowed values: ppo, grpo, rloo, reinforce_pp"):
+        load_recipe(None, ["ppo.algorithm=dpo"])
+    with pytest.raises(ConfigError, match="allowed values: grpo, dr_grpo, dapo, bnpo"):
+        load_recipe(None, ["ppo.loss_type=sapo"])
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_group_baselines_need_two_samples_per_prompt(algorithm):
+    ppo = load_recipe(None, [f"ppo.algorithm={algorithm}"]).ppo
+    with pytest.raises(ConfigError, match=f"ppo.num_generations: {algorithm} needs at least 2") as err:
+        alg.check_algorithm(ppo)
+    assert "\n" not in str(err.value)
+    alg.check_algorithm(load_recipe(None, [f"ppo.algorithm={algorithm}", "ppo.num_generations=2"]).ppo)
+    alg.check_algorithm(load_recipe(None, ["ppo.algorithm=reinforce_pp"]).ppo)  # a batch baseline: 1 is fine
+
+
+def test_reference_is_skipped_only_for_critic_free_beta_zero():
+    def ppo(*o):
+        return load_recipe(None, list(o)).ppo
+    assert alg.needs_reference(ppo("ppo.kl_coef=0"))  # PPO keeps kl_coef and always measures KL
+    assert alg.needs_reference(ppo("ppo.algorithm=rloo"))
+    assert not alg.needs_reference(ppo("ppo.algorithm=rloo", "ppo.beta=0"))
+    assert alg.kl_in_loss(ppo("ppo.algorithm=grpo")) and not alg.kl_in_loss(ppo("ppo.algorithm=reinforce_pp"))
+
+
+# --------------------------------------------------------------------------- advantages
+def test_grpo_advantages_per_group_scaled_by_group_batch_or_nothing():
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0])  # two prompts, two samples each; group means 2 and 2
+    # group: the first group's std is sqrt(2) (unbiased), the second's is 0 -> advantage 0, not 0/0
+    expected = torch.tensor([-1 / (SQRT2 + 1e-4), 1 / (SQRT2 + 1e-4), 0.0, 0.0])
+    torch.testing.assert_close(alg.group_advantages(scores, 2, "group"), expected)
+    # batch: the whole batch's std, sqrt(2/3), still around each group's mean
+    batch_std = math.sqrt(2 / 3)
+    torch.testing.assert_close(alg.group_advantages(scores, 2, "batch"),
+                               torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (batch_std + 1e-4))
+    torch.testing.assert_close(alg.group_advantages(scores, 2, "none"), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+
+
+def test_rloo_baseline_leaves_the_sample_out():
+    scores = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    # 1 - (2+3)/2, 2 - (1+3)/2, 3 - (1+2)/2 | 0 - (0+6)/2, 0 - (0+6)/2, 6 - 0
+    torch.testing.assert_close(alg.rloo_advantages(scores, 3), torch.tensor([-1.5, 0.0, 1.5, -3.0, -3.0, 6.0]))
+
+
+def test_group_advantages_reject_a_batch_that_splits_a_group():
+    with pytest.raises(ValueError, match="divisible by group_size=2"):
+        alg.group_advantages(torch.zeros(3), 2)
+
+
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_returns_to_go_sum_the_rest_of_the_response():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]])  # 99 is padding
+    torch.testing.assert_close(alg.returns_to_go(rewards, MASK), torch.tensor([[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]]))
+
+
+def test_reinforce_pp_puts_kl_in_the_reward_then_whitens_returns_over_the_batch():
+    scores, kl = torch.tensor([1.0, 0.0]), torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.2, 0.0]])
+    advantages, non_score = alg.reinforce_pp_advantages(scores, kl, MASK, kl_coef=1.0)
+    # rewards [[-.1, -.1, .9], [-.2, -.2, pad]] -> returns [[.7, .8, .9], [-.4, -.2, pad]]
+    returns = [0.7, 0.8, 0.9, -0.4, -0.2]
+    mean = sum(returns) / 5  # 0.36
+    std = math.sqrt(sum((r - mean) ** 2 for r in returns) / 4)
+    expected = torch.tensor([[(r - mean) / std for r in returns[:3]], [*((r - mean) / std for r in returns[3:]), 0.0]])
+    torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(non_score, -kl * MASK)
+
+
+def test_critic_free_advantages_spread_the_sequence_advantage_over_its_tokens():
+    scores, kl = torch.tensor([1.0, 3.0]), torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    grpo, non_score = alg.critic_free_advantages("grpo", scores, kl, MASK, 2, kl_coef=0.1)
+    a = 1 / (SQRT2 + 1e-4)
+    torch.testing.assert_close(grpo, torch.tensor([[-a, -a, -a], [a, a, 0.0]]))  # KL is GRPO's loss term, not here
+    torch.testing.assert_close(non_score, torch.tensor([[-0.05, -0.05, 0.0], [0.0, 0.0, 0.0]]))
+    # rloo: KL in the reward first: 1 - 0.1 * 1.0 = 0.9 vs 3 -> advantages -2.1 and 2.1
+    rloo, _ = alg.critic_free_advantages("rloo", scores, kl, MASK, 2, kl_coef=0.1)
+    torch.testing.assert_close(rloo, torch.tensor([[-2.1, -2.1, -2.1], [2.1, 2.1, 0.0]]))
+
+
+# --------------------------------------------------------------------------- the loss
+def test_clipped_surrogate_clips_higher_with_epsilon_high():
+    old = torch.zeros(1, 3)
+    logprobs = old + 1.0  # ratio e everywhere
+    advantages = torch.tensor([[1.0, -1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    losses, stats = alg.clipped_surrogate(logprobs, old, advantages, mask, 0.2, 0.2)
+    # A=1: max(-e, -1.2) = -1.2 (clipped); A=-1: max(e, 1.2) = e (the pessimistic side is never clipped); pad: 0
+    torch.testing.assert_close(losses, torch.tensor([[-1.2, math.e, 0.0]]))
+    assert stats["clipfrac"].item() == pytest.approx(0.5) and stats["ratio"].item() == pytest.approx(math.e)
+    losses, _ = alg.clipped_surrogate(logprobs, old, advantages, mask, 0.2, 0.28)
+    torch.testing.assert_close(losses, torch.tensor([[-1.28, math.e, 0.0]]))
+
+
+def test_reference_kl_is_k3():
+    ref = torch.zeros(1, 2)
+    logprobs = torch.tensor([[0.0, math.log(2.0)]])
+    # exp(ref - lp) - (ref - lp) - 1: 0 where equal; 0.5 + log 2 - 1 at lp = log 2
+    torch.testing.assert_close(alg.reference_kl(logprobs, ref, torch.ones(1, 2)),
+                               torch.tensor([[0.0, 0.5 + math.log(2.0) - 1.0]]))
+
+
+LOSSES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 7.0, 7.0]])
+LOSS_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("loss_type,expected", [
+    ("grpo", (2.0 + 4.0) / 2),          # row means 2 and 4, then their mean
+    ("dr_grpo", 10.0 / (2 * 4)),        # token sum / (rows * max_len=4)
+    ("dapo", 10.0 / 4),                 # token sum / tokens
+    ("bnpo", 10.0 / 4),
+])
+def test_loss_types_by_hand_and_their_micro_batch_shares_add_up(loss_type, expected):
+    assert alg.normalize_loss(LOSSES, LOSS_MASK, loss_type, max_len=4).item() == pytest.approx(expected)
+    tokens = LOSS_MASK.sum()
+    shares = sum(alg.loss_share(LOSSES[i:i + 1], LOSS_MASK[i:i + 1], loss_type, 2, tokens, 4) for i in range(2))
+    assert shares.item() == pytest.approx(expected)
+
+
+def test_unknown_loss_type_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed values: grpo, dr_grpo, dapo, bnpo"):
+        alg.normalize_loss(LOSSES, LOSS_MASK, "sapo", 4)
