@@ -70,16 +70,22 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     evals = [r for r in rows if "eval/score" in r]
     fig = Figure(figsize=(13.5 if evals else 9, 3.2))
     axes = fig.subplots(1, 3 if evals else 2)
-    axes[0].plot([r["step"] for r in steps], [r["objective/scores"] for r in steps], marker="o")
-    axes[0].set(title="score (PPO's reward)", xlabel="PPO step")
+    axes[0].plot([r["step"] for r in steps], [r["objective/raw_scores"] for r in steps], marker="o")
+    axes[0].set(title="reward of the samples (before normalisation)", xlabel="PPO step")
     axes[1].plot([r["step"] for r in steps], [r["objective/kl"] for r in steps], marker="o", color="tab:red")
     axes[1].set(title="KL(policy || sft)", xlabel="PPO step")
     if evals:
+        # shares (accuracy, format, top answer) on the left axis; the learned reward and the score on the right
+        right = axes[2].twinx()
         for key in sorted({k for r in evals for k in r if k.startswith("eval/")} - {"eval/response_length"}):
-            axes[2].plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], marker="o",
-                         label=key[len("eval/"):])
-        axes[2].set(title="held-out prompts (greedy)", xlabel="PPO step")
-        axes[2].legend(fontsize=7)
+            scale = right if key in ("eval/score", "eval/learned_reward") else axes[2]
+            scale.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], marker="o",
+                       linestyle="--" if scale is right else "-", label=key[len("eval/"):],
+                       color=f"C{sorted(evals[0]).index(key) % 10}" if key in evals[0] else None)
+        axes[2].set(title="held-out prompts, greedy (dashed: right axis)", xlabel="PPO step", ylim=(0, 1.05))
+        handles = axes[2].get_legend_handles_labels()
+        more = right.get_legend_handles_labels()
+        axes[2].legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
 
