@@ -121,8 +121,8 @@ class PPOTrainer:
         on_main_thread = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS} if on_main_thread else {}
         try:
-            if self.step == 0 and self._evaluation_due():
-                self.log_metrics(self.evaluate())
+            if self.step == 0 and self._evaluation_due():  # the starting point: an eval line, not a step
+                self.log_metrics(self.evaluate(), step=False)
             while self.step < self.ppo.total_steps:
                 metrics = self.train_step()
                 history.append(metrics)
@@ -371,8 +371,8 @@ class PPOTrainer:
             "oom/events": sum(len(r.oom_events) for r in self.runners.values()),
         }
 
-    def log_metrics(self, metrics: dict) -> None:
-        if self.on_step:
+    def log_metrics(self, metrics: dict, step: bool = True) -> None:
+        if self.on_step and step:  # on_step gets the metrics of PPO steps only
             self.on_step(metrics)
         if self.state.is_main_process:
             self.metrics_log.write(metrics)
