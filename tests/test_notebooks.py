@@ -19,7 +19,7 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = {"01_quickstart.ipynb", "02_llama_7b_13b_on_24gb.ipynb", "03_custom_data_and_rewards.ipynb",
             "04_text_to_sql.ipynb"}
 BADGE = "https://colab.research.google.com/github/lowrank-rlhf/lowrank_rlhf/blob/main/notebooks/{}"
-CELL_TIMEOUT_S = 300
+CELL_TIMEOUT_S = 900  # a bound against hangs, not a speed target: a busy 2-core machine needs minutes per training cell
 
 notebooks = pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 
