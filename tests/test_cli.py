@@ -70,6 +70,18 @@ def test_run_directory_loads_with_plain_peft(tiny_run):
                     torch.testing.assert_close(scores[:, -1], ours.sequence_rewards(ids, mask), rtol=0, atol=1e-5)
 
 
+def run_with_a_strong_policy(tiny_run, tmp_path):
+    """A copy of the run whose policy lora_B is random: after 2 PPO steps the real adapter moves the logits by less
+    than bf16 rounding, too little to tell a right merge from a wrong one."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = run / "policy" / "adapter_model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=g) * 0.2 if "lora_B" in k else v
+               for k, v in load_file(str(weights)).items()}, str(weights))
+    return run
+
+
 def test_generate_and_export(tiny_run, tmp_path, capsys):
     """Generate, export the adapter, export merged: the merged bf16 model gives the logits of the policy adapter on
     the 4-bit base it trained on (DESIGN.md 3b: the merge goes into the dequantized base). After 2 PPO steps the
@@ -80,12 +92,7 @@ def test_generate_and_export(tiny_run, tmp_path, capsys):
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "adapter")]) == 0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    weights = run / "policy" / "adapter_model.safetensors"
-    g = torch.Generator().manual_seed(0)
-    save_file({k: torch.randn(v.shape, generator=g) * 0.2 if "lora_B" in k else v
-               for k, v in load_file(str(weights)).items()}, str(weights))
+    run = run_with_a_strong_policy(tiny_run, tmp_path)
     assert main(["export", str(run), "--out", str(tmp_path / "merged"), "--merge"]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
@@ -110,12 +117,7 @@ def test_generate_and_export(tiny_run, tmp_path, capsys):
 def test_export_merge_into_original_warns_and_merges_into_the_unquantized_weights(tiny_run, tmp_path, caplog):
     """--merge-into original: the policy merged into the original (unquantized) weights, with a warning that the
     adapter never saw them; its logits are the adapter's on the unquantized base, not on the 4-bit one."""
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    weights = run / "policy" / "adapter_model.safetensors"
-    g = torch.Generator().manual_seed(0)
-    save_file({k: torch.randn(v.shape, generator=g) * 0.2 if "lora_B" in k else v
-               for k, v in load_file(str(weights)).items()}, str(weights))
+    run = run_with_a_strong_policy(tiny_run, tmp_path)
     with caplog.at_level("WARNING", logger="lowrank_rlhf.export"):
         assert main(["export", str(run), "--out", str(tmp_path / "orig"), "--merge-into", "original"]) == 0
     assert "--merge-into original: merging into the unquantized weights of tiny-llama" in caplog.text
