@@ -52,6 +52,9 @@ class LoraConfig:
     critic_init: str = opt("reward", "where a separate critic starts: reward = a copy of the reward adapter and head "
                            "(as TRL and OpenRLHF do), fresh = a new adapter and a random head",
                            choices=("reward", "fresh"))
+    frozen_dtype: str = opt("float32", "dtype of the frozen adapters (sft reference, reward): float32 = as PEFT keeps "
+                            "them on a quantized base; compute = model.dtype (bf16 on a GPU), half their memory. "
+                            "Trained adapters stay float32", choices=("float32", "compute"))
 
 
 @dataclass
@@ -104,6 +107,18 @@ class RewardModelStageConfig(_TrainedStageConfig):
                     "InstructGPT), fresh = a new adapter", choices=("sft", "fresh"))
     min_accuracy: float | None = opt(None, "PPO refuses to start when the reward model's held-out pairwise accuracy "
                                      "(RUN/reward/eval.json) is below this; null = no check", low=0.0, high=1.0)
+
+
+@dataclass
+class DPOStageConfig(_TrainedStageConfig):
+    enabled: bool = opt(False, "run the DPO stage (TRL DPOTrainer on data.preferences): the policy adapter starts "
+                        "from RUN/sft, the reference is a frozen copy of it; writes RUN/policy like online RL")
+    learning_rate: float = opt(5e-5, "AdamW learning rate", low=0.0)
+    batch_size: int = opt(8, "pairs per optimizer step (per device)", low=1)
+    max_length: int = opt(512, "longest tokenized prompt + answer", low=8)
+    beta: float = opt(0.1, "DPO temperature (TRL's name): how far the policy may move from the reference", low=0.0)
+    loss_type: str = opt("sigmoid", "TRL's DPO loss: sigmoid = the DPO paper, ipo, hinge, robust",
+                         choices=("sigmoid", "ipo", "hinge", "robust"))
 
 
 @dataclass
@@ -166,6 +181,12 @@ class PPOConfig:
     normalize_scores: bool = opt(False, "normalize scores with running mean and std")
     score_clip: float | None = opt(None, "clip (normalized) scores to [-score_clip, score_clip]; null = off")
     learning_rate: float = opt(1e-5, "policy adapter learning rate", low=0.0)
+    optim: str = opt("adamw", "optimizer of the trained roles (TRL's name): adamw = torch AdamW, fp32 states; "
+                     "adamw_8bit = bitsandbytes' 8-bit states (a quarter of the memory); paged_adamw_8bit = that, "
+                     "paged to CPU memory when the GPU runs short", choices=("adamw", "adamw_8bit", "paged_adamw_8bit"))
+    logits_chunk_tokens: int = opt(0, "scoring and training compute lm_head, log-softmax and entropy for at most this "
+                                   "many response tokens at a time, so a 128k-152k vocabulary costs a chunk, not a "
+                                   "micro-batch; 0 = the whole micro-batch at once", low=0)
     value_learning_rate: float = opt(1e-5, "value adapter and head learning rate", low=0.0)
     lr_scheduler_type: str = opt("linear", "learning-rate schedule over all PPO updates", choices=("linear", "constant"))
     max_grad_norm: float = opt(1.0, "gradient clipping norm, applied to each role", low=0.0)
@@ -196,6 +217,8 @@ class RecipeConfig:
     sft: SFTStageConfig = field(default_factory=SFTStageConfig, metadata={"help": "the SFT stage"})
     reward_model: RewardModelStageConfig = field(default_factory=RewardModelStageConfig,
                                                  metadata={"help": "the reward-model stage"})
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig, metadata={"help": "the DPO stage (offline, "
+                                                                          "instead of reward model + online RL)"})
     rewards: RewardsConfig = field(default_factory=RewardsConfig, metadata={"help": "PPO reward sources"})
     ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "the PPO stage (TRL names)"})
 
