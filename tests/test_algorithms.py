@@ -138,3 +138,60 @@ def test_loss_types_by_hand_and_their_micro_batch_shares_add_up(loss_type, expec
 def test_unknown_loss_type_names_the_allowed_ones():
     with pytest.raises(ValueError, match="allowed values: grpo, dr_grpo, dapo, bnpo"):
         alg.normalize_loss(LOSSES, LOSS_MASK, "sapo", 4)
+
+
+# --------------------------------------------------------------------------- the PPO guarantees, critic-free
+# KL 0 at step 0, micro-batch invariance and exact resume per algorithm are in tests/test_trainer.py; kill -9 then
+# resume in tests/test_reliability.py. Here: OOM recovery and two ranks, for every critic-free algorithm.
+from test_trainer import CRITIC_FREE, adapter_weights, assert_same, critic_free, make_trainer  # noqa: E402
+
+
+@pytest.mark.parametrize("algorithm", CRITIC_FREE)
+def test_critic_free_injected_oom_in_every_phase_gives_the_same_weights(tmp_path, algorithm):
+    clean = make_trainer(critic_free(tmp_path / "a", algorithm))
+    oom = make_trainer(critic_free(tmp_path / "b", algorithm), oom_injection={"generate": 1, "score": 2, "train": 1})
+    clean.train(), oom.train()
+    assert {p: r.micro_batch for p, r in oom.runners.items()} == {"generate": 1, "score": 2, "train": 1}
+    assert all(r.oom_events for r in oom.runners.values())
+    assert oom.value_params == []  # nothing of a critic appeared on the retry path either
+    assert_same(adapter_weights(clean), adapter_weights(oom), atol=1e-5)
+
+
+TWO_RANKS = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_trainer import adapter_weights, critic_free, make_trainer
+from pathlib import Path
+trainer = make_trainer(critic_free(Path({run!r}), {algorithm!r}, "ppo.total_steps=2", "ppo.rollout_batch_size=4"))
+groups = [trainer.prompt_indices(step)[0].tolist() for step in range(2)]
+before = adapter_weights(trainer)
+trainer.train()
+after = adapter_weights(trainer)
+torch.save({{"flat": torch.cat([t.flatten() for t in after.values()]), "groups": groups,
+            "changed": any(not torch.equal(before[k], after[k]) for k in before), "world": dist.get_world_size()}},
+           Path({run!r}) / f"rank{{dist.get_rank()}}.pt")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", CRITIC_FREE)
+def test_critic_free_two_cpu_ranks_end_with_identical_adapters_and_never_split_a_group(tmp_path, algorithm):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS.format(tests=str(tests), run=str(tmp_path), algorithm=algorithm))
+    port = 29540 + CRITIC_FREE.index(algorithm)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    str(script)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and all(r["changed"] for r in ranks)
+    assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+    for step in range(2):
+        rows = [ranks[r]["groups"][step] for r in (0, 1)]
+        for mine in rows:  # each rank holds whole groups: a prompt's 2 samples side by side
+            assert mine[0::2] == mine[1::2]
+        assert not set(rows[0]) & set(rows[1])  # and no prompt is on both ranks

@@ -66,7 +66,9 @@ class PPOTrainer:
         self.run_dir = Path(run_dir or cfg.run_dir)
         self.force_response_length = force_response_length
         self.show_progress, self.on_step = show_progress, on_step
-        self.state = PartialState()
+        # cpu=True: without it accelerate reports one process under torchrun on a CPU-only machine, and every
+        # rank would silently train alone on the same prompts
+        self.state = PartialState(cpu=model.device.type == "cpu")
         algorithms.check_algorithm(self.ppo)
         self.critic = algorithms.has_critic(self.ppo.algorithm)
         if not self.critic and ("value" in model.roles or "value" in model.heads or model.critic == "shared"):
