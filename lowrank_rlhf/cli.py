@@ -36,19 +36,22 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart
 
-    run_quickstart(output_dir=Path(args.output_dir), smoke=args.smoke, overwrite=args.overwrite)
+    run_quickstart(output_dir=Path(args.output_dir), smoke=args.smoke, overwrite=args.overwrite,
+                   algorithm=args.algorithm)
     return 0
 
 
 def cmd_train(args) -> int:
     from .config import load_recipe
-    from .pipeline import STAGES, run_stages
+    from .pipeline import run_stages, stages_for
 
     cfg = load_recipe(args.recipe, args.overrides)
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    stages = stages_for(cfg, args.stage)
     results = run_stages(cfg, stages, Path(args.output_dir) if args.output_dir else None, overwrite=args.overwrite)
-    print(json.dumps({k: v for k, v in results.items() if k != "ppo"} | {
-        "ppo_steps": results.get("ppo", {}).get("steps")}, default=str, indent=1))
+    summary = {k: v for k, v in results.items() if k != "ppo"}
+    if "ppo" in stages:
+        summary["ppo_steps"] = results.get("ppo", {}).get("steps")
+    print(json.dumps(summary, default=str, indent=1))
     return 0
 
 
@@ -116,13 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("quickstart", help="all three stages on the embedded SmolLM2-135M (the clickbait test)")
+    p.add_argument("--algorithm", default="ppo", choices=("ppo", "grpo", "rloo", "reinforce_pp", "dpo"),
+                   help="the last stage: online RL with ppo (default), grpo, rloo or reinforce_pp after the reward "
+                   "model; or dpo (sft -> DPO on the preference pairs, no reward model)")
     p.add_argument("--smoke", action="store_true", help="the same path in about two minutes (for CI)")
     p.add_argument("--output-dir", default="runs/quickstart", help="run directory (default: runs/quickstart)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
     p.set_defaults(func=cmd_quickstart)
 
     p = recipe_command(sub, "train", "run a recipe's stages", cmd_train)
-    p.add_argument("--stage", default="all", choices=("sft", "reward", "ppo", "all"), help="stage(s) to run")
+    p.add_argument("--stage", default="all", choices=("sft", "reward", "ppo", "dpo", "all"),
+                   help="stage(s) to run; all = sft, reward, ppo (online RL: ppo.algorithm), or sft, dpo with "
+                   "dpo.enabled=true")
     p.add_argument("--output-dir", help="run directory; overrides the recipe's run_dir")
     p.add_argument("--overwrite", action="store_true", help="replace this stage's existing results")
 

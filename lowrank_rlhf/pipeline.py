@@ -1,9 +1,10 @@
-"""The recipe, end to end: SFT -> reward model -> PPO, each stage writing its part of one run directory.
+"""The recipe, end to end: SFT -> reward model -> online RL (PPO, GRPO, RLOO, REINFORCE++), or SFT -> DPO with
+dpo.enabled; each stage writes its part of one run directory.
 
     RUN/recipe.yaml          the resolved recipe
     RUN/sft/                 SFT adapter (TRL SFTTrainer)         -> the reference; policy starts as a copy
     RUN/reward/              reward adapter + reward_head (TRL RewardTrainer)
-    RUN/policy/, RUN/value/  PPO's trained roles (+ value_head)
+    RUN/policy/, RUN/value/  PPO's trained roles (+ value_head); or DPO's policy (+ dpo_metrics.json), same format
     RUN/checkpoint/          the latest PPO checkpoint (atomic, with a manifest)
     RUN/metrics.jsonl        one line per PPO step
     RUN/.lowrank_rlhf-files.json, RUN/.lowrank_rlhf.lock   what the run wrote (run_dir.py), its one writer (run_lock.py)
@@ -37,11 +38,23 @@ from .rl.trainer import PPOTrainer
 from .run_dir import RUN_FILES, RunDirError, check_writable, claim
 
 log = logging.getLogger(__name__)
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "dpo")
+POLICY_OUTPUTS = ["policy", "value", "best", "checkpoint", "metrics.jsonl"]
+DPO_SKIPS = "reward model and online RL skipped: dpo.enabled=true trains sft -> dpo"
+
+
+def stages_for(cfg: RecipeConfig, stage: str = "all") -> list[str]:
+    """`--stage all`: sft -> reward -> ppo (online RL), or sft -> dpo when dpo.enabled; else the one stage named."""
+    if stage == "all":
+        return ["sft", "dpo"] if cfg.dpo.enabled else ["sft", "reward", "ppo"]
+    if stage not in STAGES:
+        raise ConfigError(f"--stage: unknown stage {stage!r}; allowed values: {', '.join(STAGES)}, all")
+    return [stage]
 
 
 def stage_outputs(run_dir: Path, stage: str) -> list[Path]:
-    names = {"sft": ["sft"], "reward": ["reward"], "ppo": ["policy", "value", "best", "checkpoint", "metrics.jsonl"]}[stage]
+    # DPO writes the policy online RL writes: a DPO run replaces PPO's results and the other way round
+    names = {"sft": ["sft"], "reward": ["reward"], "ppo": POLICY_OUTPUTS, "dpo": POLICY_OUTPUTS}[stage]
     return [run_dir / n for n in names if (run_dir / n).exists()]
 
 
@@ -54,7 +67,8 @@ def check_run_dir(cfg: RecipeConfig, run_dir: Path, stages: list[str], overwrite
             continue
         found = stage_outputs(run_dir, stage)
         if found:
-            resume = "set ppo.resume=true" if stage == "ppo" else "continue PPO with --stage ppo ppo.resume=true"
+            resume = {"ppo": "set ppo.resume=true", "dpo": "rerun DPO with --overwrite"}.get(
+                stage, "continue PPO with --stage ppo ppo.resume=true")
             raise RunDirError(f"{run_dir} already holds {stage} results ({found[0].name}); pass --overwrite, "
                               f"{resume}, or choose another --output-dir")
 
@@ -66,6 +80,10 @@ def preflight(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
         sft_data(cfg)
     if "reward" in stages and cfg.reward_model.enabled and cfg.rewards.learned_weight:
         preference_data(cfg)
+    if "dpo" in stages:
+        preference_data(cfg, "dpo")
+        if not ("sft" in stages and cfg.sft.enabled):
+            check_sft_adapter(run_dir)
     if "ppo" in stages:
         table = prompt_data(cfg)
         rewards.load_reward_functions(cfg.rewards.functions, cfg.rewards.function_weights)
@@ -126,10 +144,10 @@ def sft_data(cfg: RecipeConfig):
     return data.load_sft(cfg.data.sft, cfg.data.max_samples)
 
 
-def preference_data(cfg: RecipeConfig):
+def preference_data(cfg: RecipeConfig, stage: str = "reward"):
     if not cfg.data.preferences:
-        raise ConfigError("data.preferences: no preference data given; set data.preferences or "
-                          "rewards.learned_weight=0")
+        raise ConfigError("data.preferences: no preference data given; set data.preferences or " +
+                          ("rewards.learned_weight=0" if stage == "reward" else "dpo.enabled=false"))
     return data.load_preferences(cfg.data.preferences, cfg.data.max_samples)
 
 
@@ -143,6 +161,12 @@ def check_reward_model(cfg: RecipeConfig, run_dir: Path) -> None:
     if cfg.rewards.learned_weight and not (run_dir / "reward" / "adapter_config.json").is_file():
         raise ConfigError(f"rewards.learned_weight: {cfg.rewards.learned_weight} needs a reward model in "
                           f"{run_dir}/reward; run --stage reward first or set rewards.learned_weight=0")
+
+
+def check_sft_adapter(run_dir: Path) -> None:
+    if not (run_dir / "sft" / "adapter_config.json").is_file():
+        raise ConfigError(f"dpo: {run_dir}/sft holds no SFT adapter (DPO's policy starts from it, its reference is a "
+                          f"frozen copy); run --stage sft first, or train all stages with dpo.enabled=true")
 
 
 def run_sft(cfg: RecipeConfig, run_dir: Path) -> dict:
@@ -159,6 +183,14 @@ def run_reward(cfg: RecipeConfig, run_dir: Path) -> dict:
     prompts = (data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples, name="data.eval_prompts")
                if cfg.data.eval_prompts else None)
     return train_reward(cfg, train, run_dir, eval_dataset=held_out, eval_prompts=prompts)
+
+
+def run_dpo(cfg: RecipeConfig, run_dir: Path) -> dict:
+    """DPO on the preference pairs (data.eval_fraction held out, as for the reward model): RUN/policy."""
+    from .stages import train_dpo
+
+    train, held_out = data.holdout_split(preference_data(cfg, "dpo"), cfg.data.eval_fraction, cfg.seed)
+    return train_dpo(cfg, train, run_dir, eval_dataset=held_out)
 
 
 def load_roles(cfg: RecipeConfig, run_dir: Path, base=None, tokenizer=None) -> RoleModel:
@@ -281,8 +313,18 @@ def _run_stages(cfg: RecipeConfig, stages: list[str], run_dir: Path, overwrite: 
         results["reward"] = run_reward(cfg, run_dir)
     if "ppo" in stages:
         if overwrite and not cfg.ppo.resume:  # a fresh PPO run starts from sft, not from the last run's policy
-            for path in stage_outputs(run_dir, "ppo"):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove_outputs(run_dir, "ppo")
         history = run_ppo(cfg, run_dir)
         results["ppo"] = {"steps": len(history), "last": history[-1] if history else None}
+    if "dpo" in stages:
+        if overwrite:  # PPO's checkpoint or best policy beside a DPO policy would describe another policy
+            remove_outputs(run_dir, "dpo")
+        results["dpo"] = run_dpo(cfg, run_dir)
+        if cfg.dpo.enabled and "reward" not in stages and "ppo" not in stages:
+            results["skipped"] = DPO_SKIPS
     return results
+
+
+def remove_outputs(run_dir: Path, stage: str) -> None:
+    for path in stage_outputs(run_dir, stage):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -4,6 +4,10 @@ Asked "Is this headline clickbait? Answer yes or no.", the model must answer exa
 13B failed that format in the article this project started from). The quickstart reports, on held-out headlines,
 the learned reward and an independent check of its own: the share of answers that are exactly yes/no, and their
 accuracy against the labels, for the base, after SFT and after PPO.
+
+`algorithm` (`--algorithm`) swaps the last stage: ppo (the default), the critic-free grpo, rloo and reinforce_pp
+(same reward model, no value role), or dpo (sft -> DPO on the same preference pairs: no reward model, no online RL).
+Each is the shipped recipe plus the overrides in ALGORITHMS, so `lowrank-rlhf train` reproduces it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from pathlib import Path
 import torch
 
 from . import data
-from .config import RecipeConfig, load_recipe
-from .pipeline import load_roles, run_stages
+from .config import ConfigError, RecipeConfig, load_recipe
+from .models.loading import load_base
+from .pipeline import run_stages, stages_for
 from .models.roles import BASE, REFERENCE, RoleModel
 from .recipes import recipe_path
 from .memory.runner import MicroBatchRunner
@@ -31,12 +36,41 @@ RECIPE = "quickstart-smollm2.yaml"
 # --smoke: the same path, a few steps of each stage, for CI (about two minutes on 2 CPU cores).
 SMOKE = ["data.max_samples=16", "sft.max_steps=2", "reward_model.max_steps=2", "ppo.total_steps=2",
          "ppo.rollout_batch_size=4", "ppo.num_ppo_epochs=1", "ppo.num_mini_batches=1", "ppo.save_steps=0",
-         "reward_model.min_accuracy=null"]  # two reward steps cannot reach the bar; smoke tests the path
+         "reward_model.min_accuracy=null",  # two reward steps cannot reach the bar; smoke tests the path
+         "dpo.max_steps=2"]
+# What each --algorithm changes in the recipe. The critic-free ones sample 4 answers per prompt (their baseline is
+# the prompt's other answers; reinforce_pp's is the batch, so 1) within the same 16 rollouts per step as PPO, and
+# weigh KL by beta = the recipe's kl_coef. dpo trains sft -> DPO on data.preferences (recipe's dpo section).
+ALGORITHMS = {
+    "ppo": [],
+    "grpo": ["ppo.algorithm=grpo", "ppo.num_generations=4", "ppo.beta=0.05"],
+    "rloo": ["ppo.algorithm=rloo", "ppo.num_generations=4", "ppo.beta=0.05"],
+    "reinforce_pp": ["ppo.algorithm=reinforce_pp", "ppo.num_generations=1", "ppo.beta=0.05"],
+    "dpo": ["dpo.enabled=true"],
+}
+LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "dpo": "DPO"}
 
 
-def quickstart_recipe(smoke: bool = False, run_dir: str | Path = "runs/quickstart") -> RecipeConfig:
+def algorithm_overrides(algorithm: str) -> list[str]:
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"--algorithm: unknown algorithm {algorithm!r}; allowed values: {', '.join(ALGORITHMS)}")
+    return list(ALGORITHMS[algorithm])
+
+
+def quickstart_recipe(smoke: bool = False, run_dir: str | Path = "runs/quickstart", algorithm: str = "ppo",
+                      overrides: list[str] | tuple = ()) -> RecipeConfig:
+    """The shipped recipe + the algorithm's overrides (+ SMOKE) + yours, last wins."""
     smoke = smoke or os.environ.get("LOWRANK_RLHF_SMOKE") == "1"
-    return load_recipe(recipe_path(RECIPE), (SMOKE if smoke else []) + [f"run_dir={run_dir}"])
+    return load_recipe(recipe_path(RECIPE), algorithm_overrides(algorithm) + (SMOKE if smoke else []) +
+                       [f"run_dir={run_dir}", *overrides])
+
+
+def report_roles(cfg: RecipeConfig, run_dir: Path) -> RoleModel:
+    """The run's adapters that the report compares (policy, sft, and reward when the run trained one), frozen."""
+    base, tokenizer = load_base(cfg.model)
+    roles = tuple(r for r in ("policy", "sft", "reward") if (run_dir / r / "adapter_config.json").is_file())
+    return RoleModel.load(base, tokenizer, run_dir, cfg.lora, base_name=cfg.model.name,
+                          quantization=cfg.model.quantization, roles=roles, trainable=(), seed=cfg.seed)
 
 
 @torch.no_grad()
@@ -115,14 +149,29 @@ def format_reward_eval(evaluation: dict) -> str:
     return "\n".join(lines)
 
 
-def run_quickstart(output_dir: Path = Path("runs/quickstart"), smoke: bool = False, overwrite: bool = False,
-                   show_samples: int = 6) -> dict:
-    started = time.perf_counter()
-    cfg = quickstart_recipe(smoke, output_dir)
-    run_dir = Path(cfg.run_dir)
-    run_stages(cfg, ["sft", "reward", "ppo"], run_dir, overwrite=overwrite)
+def format_dpo(metrics: dict) -> str:
+    """DPO's summary: TRL's implicit rewards beta * log(pi / ref) on training and held-out pairs."""
+    line = (f"DPO ({metrics['steps']} steps, beta {metrics['beta']}): training pairs' reward margin "
+            f"{metrics.get('rewards/margins_first', 0):+.3f} -> {metrics.get('rewards/margins_last', 0):+.3f}, "
+            f"accuracy {metrics.get('rewards/accuracies_last', 0):.0%} (last step)")
+    held = metrics.get("eval")
+    if held:
+        line += (f"\n  held-out pairs ({metrics['eval_pairs']}): margin {held['rewards/margins']:+.3f}, "
+                 f"accuracy {held['rewards/accuracies']:.0%}")
+    return line
 
-    model = load_roles(cfg, run_dir)
+
+def run_quickstart(output_dir: Path = Path("runs/quickstart"), smoke: bool = False, overwrite: bool = False,
+                   show_samples: int = 6, algorithm: str = "ppo", overrides: list[str] | tuple = ()) -> dict:
+    """Train (sft -> reward -> online RL with `algorithm`, or sft -> dpo), then compare base, SFT and the trained
+    policy on the held-out headlines; writes RUN/report.json (and RUN/curves.png after online RL)."""
+    started = time.perf_counter()
+    cfg = quickstart_recipe(smoke, output_dir, algorithm, overrides)
+    run_dir = Path(cfg.run_dir)
+    summary = run_stages(cfg, stages_for(cfg), run_dir, overwrite=overwrite)
+    trained = f"after {LABELS[algorithm]}"
+
+    model = report_roles(cfg, run_dir)
     held_out = data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples)
     texts = data.prompt_texts(held_out, model.tokenizer)
     prompts = data.encode_prompts(held_out, model.tokenizer, cfg.data.max_prompt_length, cfg.data.long_prompts)
@@ -130,9 +179,9 @@ def run_quickstart(output_dir: Path = Path("runs/quickstart"), smoke: bool = Fal
     # RUN/policy is the PPO-trained policy, RUN/sft the reference, no adapter at all is the base
     results = {"base": evaluate(model, BASE, prompts, texts, labels),
                "after SFT": evaluate(model, REFERENCE, prompts, texts, labels)}
-    results["after PPO"] = evaluate(model, "policy", prompts, texts, labels)
+    results[trained] = evaluate(model, "policy", prompts, texts, labels)
 
-    print("\nHeld-out headlines (before SFT -> after SFT -> after PPO):")
+    print(f"\nHeld-out headlines (before SFT -> after SFT -> {trained}):")
     headlines = [p["content"].split("Headline: ")[-1] for p in (row[0] for row in held_out["prompt"])]
     for i in range(min(show_samples, len(texts))):
         answers = " | ".join(repr(results[k]["answers"][i].strip()[:40]) for k in results)
@@ -140,12 +189,17 @@ def run_quickstart(output_dir: Path = Path("runs/quickstart"), smoke: bool = Fal
     table = format_table(results)
     eval_path = run_dir / "reward" / "eval.json"
     reward_eval = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-    print("\n" + format_reward_eval(reward_eval) + "\n\n" + table)
-    plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-    report = {"smoke": smoke, "seconds": round(time.perf_counter() - started, 1),
+    first = format_dpo(summary["dpo"]) if "dpo" in summary else format_reward_eval(reward_eval)
+    print("\n" + first + "\n\n" + table)
+    curves = run_dir / "metrics.jsonl"
+    if curves.is_file():  # online RL's per-step metrics; DPO logs TRL's instead (in the report)
+        plot_curves(curves, run_dir / "curves.png")
+    report = {"smoke": smoke, "algorithm": algorithm, "seconds": round(time.perf_counter() - started, 1),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch_threads": torch.get_num_threads(), "held_out": len(texts), "reward_model": reward_eval,
+              "stages": {k: v for k, v in summary.items() if k in ("sft", "reward", "dpo", "skipped")},
               "results": {k: {m: v for m, v in r.items() if m != "prompts"} for k, r in results.items()}}
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"\nreport: {run_dir / 'report.json'}   curves: {run_dir / 'curves.png'}   ({report['seconds']} s)")
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    shown = f"   curves: {run_dir / 'curves.png'}" if curves.is_file() else ""
+    print(f"\nreport: {run_dir / 'report.json'}{shown}   ({report['seconds']} s)")
     return report
