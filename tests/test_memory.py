@@ -394,3 +394,150 @@ def test_lowrank_rlhf_plan_shows_the_smaller_critic_free_plan():
     assert ppo["phases"]["train"]["micro_batch"] == grpo["phases"]["train"]["micro_batch"] == 4
     assert grpo["phases"]["train"]["peak_bytes"] < ppo["phases"]["train"]["peak_bytes"]
     assert grpo["floor_bytes"] < ppo["floor_bytes"]
+
+
+# ----------------------------------------------------------------------------- levers (issue 16)
+
+P7 = lora_params(LLAMA2_7B, 16, "all-linear")
+H7 = LLAMA2_7B.hidden_size  # a head: Linear(h, 1) = weight (h elements) + bias (1)
+
+
+def test_8bit_optimizer_floor_by_hand():
+    """bitsandbytes' 8-bit AdamW: fp32 grad (4 B) + two 1-byte states + one fp32 absmax per 256 elements per state;
+    tensors under 4096 elements keep two fp32 states (12 B in all). Every 7B r=16 LoRA tensor is a multiple of 256
+    elements and >= 4096; the value head's weight has exactly 4096 (8-bit), its bias 1 (fp32)."""
+    fp32 = static_floor(LLAMA2_7B, "4bit", ADAPTERS)
+    for optim in ("adamw_8bit", "paged_adamw_8bit"):  # paged: counted on the device, as if never evicted
+        eight = static_floor(LLAMA2_7B, "4bit", AdapterSpec(r=16, optim=optim))
+        lora_8bit = 2 * (6 * P7 + 8 * P7 // 256)  # policy + value adapters
+        head_8bit = 6 * H7 + 8 * (H7 // 256) + 12 * 1
+        assert eight["optimizer"] == lora_8bit + head_8bit
+        assert fp32["optimizer"] - eight["optimizer"] == 12 * (2 * P7 + H7 + 1) - (lora_8bit + head_8bit)
+        assert (eight["weights"], eight["adapters"]) == (fp32["weights"], fp32["adapters"])
+    with pytest.raises(ValueError, match="adamw, adamw_8bit, paged_adamw_8bit"):
+        AdapterSpec(optim="sgd")
+
+
+def test_8bit_optimizer_bytes_match_bitsandbytes_own_state():
+    """The constants against bitsandbytes itself: step an AdamW8bit on CPU over tensors on both sides of its
+    min_8bit_size (4096) and not multiples of its block (256), and count the state it allocated."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lowrank_rlhf.memory.estimate import optimizer_state_bytes
+
+    sizes = [4095, 4096, 4097, 16 * 300, 7 * 1000, 1]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    optimizer = bnb.optim.AdamW8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    for n, p in zip(sizes, params):
+        state = optimizer.state[p]
+        kept = sum(t.numel() * t.element_size() for k, t in state.items()
+                   if k in ("state1", "state2", "absmax1", "absmax2"))
+        assert optimizer_state_bytes(n, "adamw_8bit") == kept + 4 * n, n  # + the fp32 gradient
+        assert optimizer_state_bytes(n, "adamw") == 12 * n
+
+
+def test_frozen_adapters_in_the_compute_dtype_by_hand():
+    """sft + reward adapters and the reward head in bf16 (2 B) instead of fp32: the floor drops 2 B per frozen
+    parameter; trained adapters, the value head and the optimizer do not change."""
+    fp32 = static_floor(LLAMA2_7B, "4bit", ADAPTERS)
+    bf16 = static_floor(LLAMA2_7B, "4bit", AdapterSpec(r=16, frozen_param_bytes=2))
+    assert fp32["adapters"] - bf16["adapters"] == (4 - 2) * (2 * P7 + H7 + 1)
+    assert bf16["adapters"] == 4 * (2 * P7 + H7 + 1) + 2 * (2 * P7 + H7 + 1)
+    assert bf16["optimizer"] == fp32["optimizer"] and bf16["weights"] == fp32["weights"]
+
+
+def test_logits_chunk_moves_the_logits_terms_by_hand():
+    """Llama-3.1-8B (vocab 128256), micro-batch 4, prompt 64 + response 512: 2048 response tokens. With chunks of
+    1024 every logits term counts 1024 tokens; the logits still set the score and train peaks, so each drops by its
+    copies x 1024 tokens x vocab x 4 B. K=0, or K >= the tokens, changes nothing."""
+    from lowrank_rlhf.memory.shapes import LLAMA31_8B
+
+    V, args = LLAMA31_8B.vocab_size, (LLAMA31_8B, "4bit", ADAPTERS, 4, 64, 512)
+    whole, chunked = estimate_score(*args), estimate_score(*args, logits_chunk_tokens=1024)
+    assert whole["logits"] == 2 * 2048 * V * 4 and chunked["logits"] == 2 * 1024 * V * 4
+    assert whole["total"] - chunked["total"] == 2 * (2048 - 1024) * V * 4
+    whole, chunked = estimate_train(*args), estimate_train(*args, logits_chunk_tokens=1024)
+    assert whole["backward"] == 3 * 2048 * V * 4 and chunked["backward"] == 3 * 1024 * V * 4
+    assert whole["total"] - chunked["total"] == 3 * (2048 - 1024) * V * 4
+    for same in (0, 2048, 10**6):
+        assert estimate_train(*args, logits_chunk_tokens=same) == whole
+        assert estimate_score(*args, logits_chunk_tokens=same) == estimate_score(*args)
+
+
+def _recipe_plan(*overrides, budget="24GiB", shape=LLAMA2_7B):
+    from lowrank_rlhf.config import load_recipe
+    from lowrank_rlhf.memory.plan import plan_recipe
+
+    base = ["model.name=llama2-7b", "model.device=cuda", "ppo.rollout_batch_size=16", "ppo.response_length=128",
+            "data.max_prompt_length=256"]
+    return plan_recipe(load_recipe(None, base + list(overrides)), budget=budget, shape=shape)
+
+
+def test_recipe_keys_reach_the_planned_floor_and_peaks():
+    """ppo.optim and lora.frozen_dtype move the planned floor (and every phase peak at the same micro-batch) by the
+    hand-computed amounts; lora.frozen_dtype=compute on a bf16 GPU recipe is 2 B per frozen parameter."""
+    before = _recipe_plan()
+    eight = _recipe_plan("ppo.optim=adamw_8bit")
+    saved = 12 * (2 * P7 + H7 + 1) - (2 * (6 * P7 + P7 // 32) + 6 * H7 + 8 * (H7 // 256) + 12)
+    assert before.floor_bytes - eight.floor_bytes == saved
+    half = _recipe_plan("lora.frozen_dtype=compute")
+    assert before.floor_bytes - half.floor_bytes == 2 * (2 * P7 + H7 + 1)
+    for phase in ("generate", "score"):
+        assert before.micro_batch(phase) == eight.micro_batch(phase) == half.micro_batch(phase)
+        assert before.peak_bytes(phase) - eight.peak_bytes(phase) == saved
+        assert before.peak_bytes(phase) - half.peak_bytes(phase) == 2 * (2 * P7 + H7 + 1)
+    # the levers that are on are what `lowrank-rlhf plan` gives as its reasons
+    assert eight.levers[1].startswith("ppo.optim=adamw_8bit: floor") and "with adamw" in eight.levers[1]
+    assert "lever lora.frozen_dtype=compute: floor" in half.table()
+
+
+def test_recipe_logits_chunk_reaches_score_and_train():
+    from lowrank_rlhf.memory.shapes import LLAMA31_8B
+
+    sizes = ("ppo.response_length=512", "data.max_prompt_length=64", "ppo.rollout_batch_size=4")
+    whole = _recipe_plan(*sizes, budget="80GiB", shape=LLAMA31_8B)
+    chunked = _recipe_plan(*sizes, "ppo.logits_chunk_tokens=1024", budget="80GiB", shape=LLAMA31_8B)
+    assert whole.micro_batches == chunked.micro_batches == {"generate": 4, "score": 4, "train": 4}
+    V = LLAMA31_8B.vocab_size
+    assert whole.peak_bytes("score") - chunked.peak_bytes("score") == 2 * 1024 * V * 4
+    assert whole.peak_bytes("train") - chunked.peak_bytes("train") == 3 * 1024 * V * 4
+    assert whole.peak_bytes("generate") == chunked.peak_bytes("generate") and whole.floor_bytes == chunked.floor_bytes
+    assert any(r.startswith("ppo.logits_chunk_tokens=1024: score") for r in chunked.levers)
+
+
+def test_below_floor_names_each_lever_and_the_floor_it_gives():
+    from lowrank_rlhf.memory.shapes import LLAMA_33B
+
+    floors = {kw: static_floor(LLAMA_33B, "4bit", AdapterSpec(r=16, **dict(kw)))["total"]
+              for kw in ((), (("optim", "adamw_8bit"),), (("frozen_param_bytes", 2),), (("n_trainable", 1),))}
+    with pytest.raises(MemoryBudgetError) as info:
+        _recipe_plan(budget="20GiB", shape=LLAMA_33B)
+    message = str(info.value)
+    assert "\n" not in message and f"static floor {format_bytes(floors[()], 'GiB')}" in message
+    assert f"ppo.optim=adamw_8bit -> floor {format_bytes(floors[(('optim', 'adamw_8bit'),)], 'GiB')} (under" in message
+    assert f"lora.frozen_dtype=compute -> floor {format_bytes(floors[(('frozen_param_bytes', 2),)], 'GiB')}" in message
+    assert f"lora.critic=shared -> floor {format_bytes(floors[(('n_trainable', 1),)], 'GiB')}" in message
+    assert "all of these -> floor" in message and "model.quantization" not in message  # 4-bit already
+    # with every floor lever pulled, only the rank, the targets or the budget are left
+    with pytest.raises(MemoryBudgetError) as info:
+        _recipe_plan("ppo.optim=adamw_8bit", "lora.frozen_dtype=compute", "lora.critic=shared", budget="16GiB",
+                     shape=LLAMA_33B)
+    assert "levers:" not in str(info.value) and "smaller LoRA rank" in str(info.value)
+
+
+def test_a_plan_that_does_not_fit_names_the_lever_that_would():
+    """Qwen3-8B (vocab 151936) with 1024-token responses: one sequence's training logits (3 x 1024 x V x 4 B =
+    1.74 GiB) overflow a 9 GiB card although the floor fits; chunking the logits fits, and the hint says so."""
+    from lowrank_rlhf.memory.shapes import QWEN3_8B
+
+    tight = _recipe_plan("ppo.response_length=1024", "data.max_prompt_length=128", "lora.critic=shared",
+                         "ppo.optim=adamw_8bit", "lora.frozen_dtype=compute", budget="9GiB", shape=QWEN3_8B)
+    assert not tight.fits and tight.hints
+    assert all("ppo.logits_chunk_tokens=" in h for h in tight.hints)
+    chunk = int(tight.hints[0].split("=")[1].split()[0])
+    fixed = _recipe_plan("ppo.response_length=1024", "data.max_prompt_length=128", "lora.critic=shared",
+                         "ppo.optim=adamw_8bit", "lora.frozen_dtype=compute", f"ppo.logits_chunk_tokens={chunk}",
+                         budget="9GiB", shape=QWEN3_8B)
+    assert fixed.fits and "would fit with: ppo.logits_chunk_tokens=" in tight.table()

@@ -14,15 +14,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .shapes import ALL_LINEAR, ModelShape, linear_shapes, lora_params
+from .shapes import ALL_LINEAR, ModelShape, linear_shapes, lora_params, lora_tensor_sizes
 
 __all__ = [
     "ADAPTER_PARAM_BYTES",
     "AdapterSpec",
     "OPTIMIZER_BYTES_PER_TRAINED_PARAM",
+    "OPTIMIZERS",
     "estimate_generate",
     "estimate_score",
     "estimate_train",
+    "logits_tokens",
+    "optimizer_state_bytes",
     "quantization_kind",
     "static_floor",
     "weight_bytes",
@@ -36,6 +39,18 @@ ADAPTER_PARAM_BYTES = 4
 # A trained parameter additionally holds an fp32 gradient (4) and AdamW's exp_avg and
 # exp_avg_sq (4 + 4): with the fp32 weight that is 16 bytes per trained parameter.
 OPTIMIZER_BYTES_PER_TRAINED_PARAM = 4 + 4 + 4  # grad + exp_avg + exp_avg_sq
+# ppo.optim: adamw = torch AdamW (above); adamw_8bit / paged_adamw_8bit = bitsandbytes' AdamW8bit / PagedAdamW8bit.
+# The gradient stays fp32 (4 B). bitsandbytes (optim/optimizer.py, Optimizer2State.init_state, 0.50) keeps a tensor's
+# two states in 8 bits only when it has at least `min_8bit_size` = 4096 elements (smaller ones: two fp32 states, 8 B
+# per element), with one fp32 absmax per block of 256 elements for each state; the 256-entry fp32 quantization maps
+# (2 KiB per optimizer) are left out. A paged optimizer keeps the same states in CUDA unified memory that the driver
+# may evict to the host under pressure; the planner counts them on the device, as if never evicted.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+GRAD_BYTES = 4
+ADAM_8BIT_MIN_SIZE = 4096
+ADAM_8BIT_BLOCK = 256
+ADAM_8BIT_STATE_BYTES = 2 * 1  # exp_avg, exp_avg_sq: one byte each
+ADAM_8BIT_ABSMAX_BYTES = 2 * 4  # one fp32 absmax per block, per state
 
 # bitsandbytes NF4: 4 bits per weight, one absmax per block of 64 weights. With double
 # quantization the absmax values are themselves 8-bit (1 byte each), with one fp32 absmax
@@ -105,21 +120,47 @@ class AdapterSpec:
     n_frozen: int = 2  # sft (the reference), reward
     n_trainable_heads: int = 1  # value head
     n_frozen_heads: int = 1  # reward head
+    optim: str = "adamw"  # ppo.optim: what the trained adapters' optimizer keeps per parameter
+    frozen_param_bytes: int = ADAPTER_PARAM_BYTES  # lora.frozen_dtype: 4 (float32) or the compute dtype's bytes
+
+    def __post_init__(self):
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optim!r}: use one of {', '.join(OPTIMIZERS)}")
 
     def head_params(self, shape: ModelShape) -> int:
-        return shape.hidden_size + 1  # Linear(hidden, 1) with bias: an upper bound
+        return sum(self.head_tensor_sizes(shape))
+
+    def head_tensor_sizes(self, shape: ModelShape) -> list[int]:
+        return [shape.hidden_size, 1]  # Linear(hidden, 1): weight and bias
 
     def param_bytes(self, shape: ModelShape) -> int:
-        """fp32 weights of every adapter and head (trained or not)."""
-        n = lora_params(shape, self.r, self.targets) * (self.n_trainable + self.n_frozen)
-        n += self.head_params(shape) * (self.n_trainable_heads + self.n_frozen_heads)
-        return n * ADAPTER_PARAM_BYTES
+        """Weights of every adapter and head: trained ones fp32, frozen ones (sft, reward + its head) in
+        ``frozen_param_bytes``."""
+        adapter, head = lora_params(shape, self.r, self.targets), self.head_params(shape)
+        trained = adapter * self.n_trainable + head * self.n_trainable_heads
+        frozen = adapter * self.n_frozen + head * self.n_frozen_heads
+        return trained * ADAPTER_PARAM_BYTES + frozen * self.frozen_param_bytes
 
     def optimizer_bytes(self, shape: ModelShape) -> int:
-        """Gradient + two AdamW states (fp32) for every trained adapter and head."""
-        n = lora_params(shape, self.r, self.targets) * self.n_trainable
-        n += self.head_params(shape) * self.n_trainable_heads
-        return n * OPTIMIZER_BYTES_PER_TRAINED_PARAM
+        """fp32 gradient + the two AdamW states of every trained adapter and head, tensor by tensor."""
+        tensors = (lora_tensor_sizes(shape, self.r, self.targets) * self.n_trainable
+                   + self.head_tensor_sizes(shape) * self.n_trainable_heads)
+        return sum(optimizer_state_bytes(n, self.optim) for n in tensors)
+
+
+def optimizer_state_bytes(numel: int, optim: str = "adamw") -> int:
+    """Gradient + AdamW states of one trained tensor of ``numel`` elements (see OPTIMIZERS above)."""
+    if optim == "adamw" or numel < ADAM_8BIT_MIN_SIZE:
+        return numel * OPTIMIZER_BYTES_PER_TRAINED_PARAM
+    blocks = math.ceil(numel / ADAM_8BIT_BLOCK)
+    return numel * (GRAD_BYTES + ADAM_8BIT_STATE_BYTES) + blocks * ADAM_8BIT_ABSMAX_BYTES
+
+
+def logits_tokens(micro_batch: int, response_len: int, logits_chunk_tokens: int = 0) -> int:
+    """Response tokens whose full-vocabulary logits exist at once: the micro-batch's, or at most a chunk of them
+    (ppo.logits_chunk_tokens; 0 = no chunking)."""
+    tokens = micro_batch * response_len
+    return min(tokens, logits_chunk_tokens) if logits_chunk_tokens > 0 else tokens
 
 
 def _adapters(lora: AdapterSpec | None) -> AdapterSpec:
@@ -177,8 +218,10 @@ def static_floor(shape: ModelShape, quantization: str | None, lora: AdapterSpec 
                  dtype_bytes: int = 2, bases: int = 1) -> dict[str, int]:
     """What no micro-batch size can avoid: weights + adapters (+heads) + grads/AdamW states.
 
-    ``total = bases*weight_bytes + 4*(n_trainable+n_frozen)*P_lora + 12*n_trainable*P_lora``
-    (+ the same for the scalar heads), with ``P_lora = lora_params(shape, r, targets)``.
+    ``total = bases*weight_bytes + (4*n_trainable + f*n_frozen)*P_lora + o*n_trainable*P_lora``
+    (+ the same for the scalar heads), with ``P_lora = lora_params(shape, r, targets)``, ``f`` the frozen adapters'
+    bytes per parameter (4, or the compute dtype's) and ``o`` the optimizer's (12 for adamw; about 6 for the 8-bit
+    ones, tensor by tensor).
     """
     lora = _adapters(lora)
     parts = {
@@ -252,19 +295,20 @@ def estimate_generate(shape: ModelShape, quantization: str | None, lora: Adapter
 
 def estimate_score(shape: ModelShape, quantization: str | None, lora: AdapterSpec | None,
                    micro_batch: int, prompt_len: int, response_len: int, dtype_bytes: int = 2,
-                   *, flash_attention: bool = True, bases: int = 1) -> dict[str, int]:
+                   *, flash_attention: bool = True, bases: int = 1, logits_chunk_tokens: int = 0) -> dict[str, int]:
     """Peak of one forward without grad over ``micro_batch`` full sequences (any role).
 
     Assumes the scorer runs the lm_head on the response positions only and takes a
-    selective log-softmax in fp32 (DESIGN section 3). The logits exist only after the last
-    layer has freed its activations, so the peak is the larger of the two.
+    selective log-softmax in fp32 (DESIGN section 3), over at most ``logits_chunk_tokens`` of
+    them at a time when that is set. The logits exist only after the last layer has freed
+    its activations, so the peak is the larger of the two.
     """
     length = prompt_len + response_len
     parts = _floor_parts(shape, quantization, lora, dtype_bytes, bases)
     layer = micro_batch * length * _layer_forward_elems(shape) * dtype_bytes
     if not flash_attention:
         layer += _attention_scores(shape, micro_batch, length, dtype_bytes)
-    logits = SCORE_LOGITS_COPIES * micro_batch * response_len * shape.vocab_size * 4
+    logits = SCORE_LOGITS_COPIES * logits_tokens(micro_batch, response_len, logits_chunk_tokens) * shape.vocab_size * 4
     parts["activations" if layer >= logits else "logits"] = max(layer, logits)
     parts["dequant_workspace"] = _dequant_workspace(shape, quantization, dtype_bytes)
     parts["workspace"] = WORKSPACE_BYTES
@@ -274,13 +318,15 @@ def estimate_score(shape: ModelShape, quantization: str | None, lora: AdapterSpe
 def estimate_train(shape: ModelShape, quantization: str | None, lora: AdapterSpec | None,
                    micro_batch: int, prompt_len: int, response_len: int, dtype_bytes: int = 2,
                    *, gradient_checkpointing: bool = True, flash_attention: bool = True,
-                   bases: int = 1) -> dict[str, int]:
+                   bases: int = 1, logits_chunk_tokens: int = 0) -> dict[str, int]:
     """Peak of one PPO forward+backward over ``micro_batch`` sequences.
 
     The trainer runs one backward per forward (policy, then value; the shared critic is one
     forward), so one forward's activations are live at a time. Only the policy computes logits;
     it keeps them (for the entropy) while the value role runs. The trained adapters' new
-    gradients exist beside the accumulated ones until they are added.
+    gradients exist beside the accumulated ones until they are added. With
+    ``logits_chunk_tokens`` every logits term counts one chunk of response tokens (each chunk's
+    logits are recomputed in its backward instead of kept).
     """
     lora = _adapters(lora)
     length = prompt_len + response_len
@@ -288,7 +334,7 @@ def estimate_train(shape: ModelShape, quantization: str | None, lora: AdapterSpe
     layer_saved = tokens * _layer_saved_elems(shape) * dtype_bytes
     if not flash_attention:
         layer_saved += _attention_scores(shape, micro_batch, length, dtype_bytes)
-    logits_unit = micro_batch * response_len * shape.vocab_size * 4
+    logits_unit = logits_tokens(micro_batch, response_len, logits_chunk_tokens) * shape.vocab_size * 4
     parts = _floor_parts(shape, quantization, lora, dtype_bytes, bases)
     if gradient_checkpointing:
         # Each layer keeps only its input hidden state; during backward one layer is
@@ -304,7 +350,7 @@ def estimate_train(shape: ModelShape, quantization: str | None, lora: AdapterSpe
     # backward beside the kept logits: whichever is larger sets the peak.
     parts["backward"] = max(TRAIN_LOGITS_COPIES * logits_unit,
                             TRAIN_KEPT_LOGITS_COPIES * logits_unit + layers_backward)
-    parts["new_gradients"] = ADAPTER_PARAM_BYTES * lora.n_trainable * lora_params(shape, lora.r, lora.targets)
+    parts["new_gradients"] = GRAD_BYTES * lora.n_trainable * lora_params(shape, lora.r, lora.targets)
     parts["dequant_workspace"] = _dequant_workspace(shape, quantization, dtype_bytes)
     parts["workspace"] = WORKSPACE_BYTES
     return _total(parts)

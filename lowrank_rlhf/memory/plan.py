@@ -18,7 +18,9 @@ from . import PHASES
 from ..config import ConfigError, RecipeConfig
 from ..models.loading import compute_dtype, resolve_model_path
 from ..rl.algorithms import check_algorithm, has_critic
-from .estimate import AdapterSpec, estimate_generate, estimate_score, estimate_train, quantization_kind, static_floor
+from .estimate import (ADAPTER_PARAM_BYTES, AdapterSpec, estimate_generate, estimate_score, estimate_train,
+                       static_floor)
+from .levers import below_floor_message, fitting_levers, levers_on
 from .shapes import KNOWN_SHAPES, ModelShape, lora_targets, resolve_targets
 from .sizes import format_bytes, parse_bytes
 
@@ -54,6 +56,8 @@ class MemoryPlan:
     floor_bytes: int
     budget_bytes: int
     usable_bytes: int
+    levers: list[str] = field(default_factory=list)  # the levers that are on and what each saves
+    hints: list[str] = field(default_factory=list)  # for a plan that does not fit: levers that would make it fit
 
     @property
     def fits(self) -> bool:
@@ -77,6 +81,8 @@ class MemoryPlan:
             "budget_bytes": self.budget_bytes,
             "usable_bytes": self.usable_bytes,
             "phases": {name: asdict(p) for name, p in self.phases.items()},
+            "levers": self.levers,
+            "hints": self.hints,
         }
 
     def table(self) -> str:
@@ -89,6 +95,9 @@ class MemoryPlan:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.append(f"floor {format_bytes(self.floor_bytes, 'GiB')} (weights + adapters + optimizer); "
                      f"budget {format_bytes(self.budget_bytes, 'GiB')} x {BUDGET_FRACTION}")
+        lines += [f"lever {reason}" for reason in self.levers]
+        if not self.fits:
+            lines.append("would fit with: " + ("; ".join(self.hints) if self.hints else "no lever alone or together"))
         return "\n".join(lines)
 
 
@@ -105,38 +114,74 @@ def _largest_fitting(estimate: Callable[[int], dict[str, int]], max_batch: int, 
     return None
 
 
+@dataclass(frozen=True)
+class PlanRequest:
+    """Everything a plan depends on; levers.py changes one field at a time to ask what a lever would give."""
+
+    shape: ModelShape
+    quantization: str | None
+    lora: AdapterSpec
+    prompt_len: int
+    response_len: int
+    rollout_batch: int
+    train_batch: int
+    budget: int
+    dtype_bytes: int = 2
+    flash_attention: bool = True
+    static_cache: bool = False
+    bases: int = 1
+    logits_chunk_tokens: int = 0
+
+    def floor(self) -> int:
+        return static_floor(self.shape, self.quantization, self.lora, self.dtype_bytes, self.bases)["total"]
+
+    def estimate(self, phase: str, micro_batch: int, gradient_checkpointing: bool = True) -> dict[str, int]:
+        common = dict(dtype_bytes=self.dtype_bytes, flash_attention=self.flash_attention, bases=self.bases)
+        args = (self.shape, self.quantization, self.lora, micro_batch, self.prompt_len, self.response_len)
+        if phase == "generate":
+            return estimate_generate(*args, static_cache=self.static_cache, **common)
+        chunk = dict(logits_chunk_tokens=self.logits_chunk_tokens)
+        if phase == "score":
+            return estimate_score(*args, **common, **chunk)
+        return estimate_train(*args, gradient_checkpointing=gradient_checkpointing, **common, **chunk)
+
+
 def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets: str | Sequence[str],
          n_trainable_adapters: int, prompt_len: int, response_len: int, rollout_batch: int,
          budget_bytes: int | str, dtype_bytes: int = 2, *, n_frozen_adapters: int = 2,
          train_batch: int | None = None, flash_attention: bool = True, static_cache: bool = False,
-         bases: int = 1, n_trainable_heads: int = 1) -> MemoryPlan:
+         bases: int = 1, n_trainable_heads: int = 1, optim: str = "adamw",
+         frozen_param_bytes: int = ADAPTER_PARAM_BYTES, logits_chunk_tokens: int = 0) -> MemoryPlan:
     """Largest power-of-two micro-batch per phase that fits ``BUDGET_FRACTION * budget``.
 
     ``train_batch`` (the PPO minibatch; default ``rollout_batch``) caps the train micro-batch.
     Gradient checkpointing stays off if training fits at micro-batch >= min(4, train_batch)
     without it. A phase that does not fit even at micro-batch 1 is planned at 1 with
-    ``fits=False``. Raises ``MemoryBudgetError`` when the budget is below the static floor. ``bases``: copies of
+    ``fits=False`` (and `hints` name the levers that would make it fit). Raises ``MemoryBudgetError`` when the budget
+    is below the static floor, naming the floor each unused lever would give. ``bases``: copies of
     the base weights on the device (3 for the four-model layout the benchmark compares against).
-    ``n_trainable_heads``: 1 = the value head, 0 for the critic-free algorithms.
+    ``n_trainable_heads``: 1 = the value head, 0 for the critic-free algorithms. The levers: ``optim`` (adamw |
+    adamw_8bit | paged_adamw_8bit), ``frozen_param_bytes`` (4 = frozen adapters in fp32, or the compute dtype's
+    bytes), ``logits_chunk_tokens`` (0 = the whole micro-batch's logits at once).
     """
     if rollout_batch < 1 or prompt_len < 0 or response_len < 1:
         raise ValueError("rollout_batch and response_len must be >= 1 and prompt_len >= 0")
-    budget = parse_bytes(budget_bytes)
     lora = AdapterSpec(r=lora_r, targets=tuple(resolve_targets(lora_targets)), n_trainable=n_trainable_adapters,
-                       n_frozen=n_frozen_adapters, n_trainable_heads=n_trainable_heads)
-    floor = static_floor(shape, quantization, lora, dtype_bytes, bases)["total"]
-    if budget < floor:
-        unit = "GiB" if floor >= 1024**3 else None  # a tiny model's floor is not "0.00 GiB"
-        weights = "weights" if bases == 1 else f"{bases} bases"
-        smaller = "" if quantization_kind(quantization) == "4bit" else "4-bit quantization, "
-        raise MemoryBudgetError(
-            f"memory budget {format_bytes(budget, unit)} is below the static floor "
-            f"{format_bytes(floor, unit)} ({weights} + adapters + optimizer); use {smaller}a smaller LoRA rank or "
-            f"fewer targets, or a larger budget"
-        )
-    usable = int(budget * BUDGET_FRACTION)
-    train_batch = rollout_batch if train_batch is None else train_batch
-    common = dict(dtype_bytes=dtype_bytes, flash_attention=flash_attention, bases=bases)
+                       n_frozen=n_frozen_adapters, n_trainable_heads=n_trainable_heads, optim=optim,
+                       frozen_param_bytes=frozen_param_bytes)
+    request = PlanRequest(shape, quantization, lora, prompt_len, response_len, rollout_batch,
+                          rollout_batch if train_batch is None else train_batch, parse_bytes(budget_bytes),
+                          dtype_bytes, flash_attention, static_cache, bases, logits_chunk_tokens)
+    return plan_request(request)
+
+
+def plan_request(req: PlanRequest, explain: bool = True) -> MemoryPlan:
+    """The plan of a request; ``explain`` adds what the levers that are on save and, for a plan that does not fit,
+    which levers would make it fit (levers.py re-plans changed requests with ``explain=False``)."""
+    floor = req.floor()
+    if req.budget < floor:
+        raise MemoryBudgetError(below_floor_message(req, req.budget, floor))
+    usable = int(req.budget * BUDGET_FRACTION)
 
     def phase(name: str, estimate: Callable[[int], dict[str, int]], max_batch: int) -> PhasePlan:
         found = _largest_fitting(estimate, max_batch, usable)
@@ -146,23 +191,19 @@ def plan(shape: ModelShape, quantization: str | None, lora_r: int, lora_targets:
         found.phase = name
         return found
 
-    def train_estimate(ckpt: bool) -> Callable[[int], dict[str, int]]:
-        return lambda mb: estimate_train(shape, quantization, lora, mb, prompt_len, response_len,
-                                         gradient_checkpointing=ckpt, **common)
-
-    phases = {
-        "generate": phase("generate", lambda mb: estimate_generate(
-            shape, quantization, lora, mb, prompt_len, response_len, static_cache=static_cache, **common),
-            rollout_batch),
-        "score": phase("score", lambda mb: estimate_score(
-            shape, quantization, lora, mb, prompt_len, response_len, **common), rollout_batch),
-    }
-    train = phase("train", train_estimate(False), train_batch)
-    checkpointing = not (train.fits and train.micro_batch >= min(4, train_batch))
+    phases = {name: phase(name, lambda mb, name=name: req.estimate(name, mb), req.rollout_batch)
+              for name in ("generate", "score")}
+    train = phase("train", lambda mb: req.estimate("train", mb, False), req.train_batch)
+    checkpointing = not (train.fits and train.micro_batch >= min(4, req.train_batch))
     if checkpointing:
-        train = phase("train", train_estimate(True), train_batch)
+        train = phase("train", lambda mb: req.estimate("train", mb, True), req.train_batch)
     phases["train"] = train
-    return MemoryPlan(phases, checkpointing, floor, budget, usable)
+    memory_plan = MemoryPlan(phases, checkpointing, floor, req.budget, usable)
+    if explain:
+        memory_plan.levers = levers_on(req, memory_plan)
+        if not memory_plan.fits:
+            memory_plan.hints = fitting_levers(req, lambda changed: plan_request(changed, explain=False))
+    return memory_plan
 
 
 # --------------------------------------------------------------------------- a recipe's plan
@@ -221,12 +262,15 @@ def recipe_dtype_bytes(cfg: RecipeConfig) -> int:
 def recipe_adapters(cfg: RecipeConfig, frozen_adapters: int = 2) -> AdapterSpec:
     """The adapters of a recipe's PPO stage: policy and (with a separate critic) value trained; by default sft (the
     reference) and reward frozen. The critic-free algorithms (grpo, rloo, reinforce_pp) train the policy alone: no
-    value adapter, no value head, no optimizer states for either."""
+    value adapter, no value head, no optimizer states for either. `ppo.optim` and `lora.frozen_dtype` set what a
+    trained parameter's optimizer and a frozen parameter cost."""
     critic = has_critic(cfg.ppo.algorithm)
     n_trainable = 2 if critic and cfg.lora.critic == "separate" else 1
     targets = lora_targets(cfg.lora.target_modules)
+    frozen_bytes = recipe_dtype_bytes(cfg) if cfg.lora.frozen_dtype == "compute" else ADAPTER_PARAM_BYTES
     return AdapterSpec(r=cfg.lora.r, targets=targets if isinstance(targets, str) else tuple(targets),
-                       n_trainable=n_trainable, n_frozen=frozen_adapters, n_trainable_heads=1 if critic else 0)
+                       n_trainable=n_trainable, n_frozen=frozen_adapters, n_trainable_heads=1 if critic else 0,
+                       optim=cfg.ppo.optim, frozen_param_bytes=frozen_bytes)
 
 
 def plan_recipe(cfg: RecipeConfig, budget: str | int | None = None, shape: ModelShape | None = None, *,
@@ -245,7 +289,9 @@ def plan_recipe(cfg: RecipeConfig, budget: str | int | None = None, shape: Model
                 rollout_batch=cfg.ppo.rollout_batch_size, budget_bytes=budget_bytes,
                 dtype_bytes=recipe_dtype_bytes(cfg), n_frozen_adapters=lora.n_frozen,
                 train_batch=cfg.ppo.rollout_batch_size // cfg.ppo.num_mini_batches,
-                static_cache=cfg.ppo.decode != "generate", bases=bases, n_trainable_heads=lora.n_trainable_heads)
+                static_cache=cfg.ppo.decode != "generate", bases=bases, n_trainable_heads=lora.n_trainable_heads,
+                optim=lora.optim, frozen_param_bytes=lora.frozen_param_bytes,
+                logits_chunk_tokens=cfg.ppo.logits_chunk_tokens)
 
 
 def recipe_peaks(cfg: RecipeConfig, shape: ModelShape, micro_batches: dict[str, int], gradient_checkpointing: bool,
@@ -260,13 +306,14 @@ def recipe_peaks(cfg: RecipeConfig, shape: ModelShape, micro_batches: dict[str, 
     prompt, response = cfg.data.max_prompt_length, cfg.ppo.response_length
     not_yet = lora.optimizer_bytes(shape) if before_first_update else 0
     common = dict(dtype_bytes=dtype_bytes, bases=bases)
+    chunk = dict(logits_chunk_tokens=cfg.ppo.logits_chunk_tokens)
     return {
         "generate": estimate_generate(shape, q, lora, micro_batches["generate"], prompt, response,
                                       static_cache=cfg.ppo.decode != "generate", **common)["total"] - not_yet,
-        "score": estimate_score(shape, q, lora, micro_batches["score"], prompt, response, **common)["total"]
+        "score": estimate_score(shape, q, lora, micro_batches["score"], prompt, response, **common, **chunk)["total"]
         - not_yet,
         "train": estimate_train(shape, q, lora, micro_batches["train"], prompt, response,
-                                gradient_checkpointing=gradient_checkpointing, **common)["total"],
+                                gradient_checkpointing=gradient_checkpointing, **common, **chunk)["total"],
     }
 
 

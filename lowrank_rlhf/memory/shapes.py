@@ -1,4 +1,5 @@
-"""Model shapes: the numbers of a LLaMA-layout decoder that memory depends on, and the published LLaMA-2 shapes.
+"""Model shapes: the numbers of a LLaMA-layout decoder that memory depends on, and the published shapes the planner
+knows offline (LLaMA-1/2 7B-70B, Llama-3.1-8B, Qwen3-8B).
 
 The one place for model shapes: the planner reads them, and the random LLaMA-2 bases of the benchmark
 (models/random_llama.py) build their `LlamaConfig` from them, so the two cannot drift apart. Also the LoRA target
@@ -10,8 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
-__all__ = ["ALL_LINEAR", "KNOWN_SHAPES", "LINEAR_NAMES", "LLAMA2_7B", "LLAMA2_13B", "ModelShape", "linear_shapes",
-           "lora_params", "lora_targets", "resolve_targets"]
+__all__ = ["ALL_LINEAR", "KNOWN_SHAPES", "LINEAR_NAMES", "LLAMA2_7B", "LLAMA2_13B", "LLAMA2_70B", "LLAMA31_8B",
+           "LLAMA_33B", "LLAMA_65B", "QWEN3_8B", "ModelShape", "linear_shapes", "lora_params", "lora_targets",
+           "lora_tensor_sizes", "resolve_targets"]
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -110,9 +112,22 @@ def _count_params(shape: ModelShape) -> int:
     return shape.embedding_params + shape.linear_params + shape.norm_params + shape.lm_head_params
 
 
-# The published configs of meta-llama/Llama-2-7b-hf and meta-llama/Llama-2-13b-hf (config.json).
+# The published configs (config.json) of meta-llama/Llama-2-7b-hf and meta-llama/Llama-2-13b-hf.
 LLAMA2_7B = ModelShape.llama(32, 4096, 11008, 32, 32000)
 LLAMA2_13B = ModelShape.llama(40, 5120, 13824, 40, 32000)
+# LLaMA-1 33B and 65B (huggyllama/llama-30b, huggyllama/llama-65b; Meta's paper calls the first 33B): 32.5 B and
+# 65.3 B parameters, full multi-head attention.
+LLAMA_33B = ModelShape.llama(60, 6656, 17920, 52, 32000)
+LLAMA_65B = ModelShape.llama(80, 8192, 22016, 64, 32000)
+# meta-llama/Llama-2-70b-hf: grouped-query attention, 8 KV heads (68,976,648,192 parameters).
+LLAMA2_70B = ModelShape.llama(80, 8192, 28672, 64, 32000, num_kv_heads=8)
+# meta-llama/Llama-3.1-8B: GQA with 8 KV heads, a 128,256-token vocabulary, untied lm_head (8,030,261,248).
+LLAMA31_8B = ModelShape.llama(32, 4096, 14336, 32, 128256, num_kv_heads=8)
+# Qwen/Qwen3-8B: GQA with 8 KV heads of head_dim 128, a 151,936-token vocabulary, untied lm_head
+# (tie_word_embeddings: false; the smaller Qwen3 models tie theirs), no attention biases. Its q_norm and k_norm
+# (an RMSNorm of head_dim on every query and key head) are left out: 2 x 128 weights per layer (9,216 of 8.19 B
+# parameters) and, per token, one fp32 copy of q and k in the layer's forward, under 1% of its activations.
+QWEN3_8B = ModelShape.llama(36, 4096, 12288, 32, 151936, num_kv_heads=8, head_dim=128)
 
 # Published shapes by name, so recipes for gated hub models plan without a download. LLaMA-1 7B/13B share LLaMA-2's.
 KNOWN_SHAPES = {
@@ -120,6 +135,13 @@ KNOWN_SHAPES = {
     "huggyllama/llama-7b": LLAMA2_7B, "llama2-7b": LLAMA2_7B,
     "meta-llama/Llama-2-13b-hf": LLAMA2_13B, "meta-llama/Llama-2-13b-chat-hf": LLAMA2_13B,
     "huggyllama/llama-13b": LLAMA2_13B, "llama2-13b": LLAMA2_13B,
+    "huggyllama/llama-30b": LLAMA_33B, "llama-33b": LLAMA_33B,
+    "huggyllama/llama-65b": LLAMA_65B, "llama-65b": LLAMA_65B,
+    "meta-llama/Llama-2-70b-hf": LLAMA2_70B, "meta-llama/Llama-2-70b-chat-hf": LLAMA2_70B, "llama2-70b": LLAMA2_70B,
+    "meta-llama/Llama-3.1-8B": LLAMA31_8B, "meta-llama/Llama-3.1-8B-Instruct": LLAMA31_8B,
+    "meta-llama/Meta-Llama-3.1-8B": LLAMA31_8B, "meta-llama/Meta-Llama-3.1-8B-Instruct": LLAMA31_8B,
+    "llama3.1-8b": LLAMA31_8B,
+    "Qwen/Qwen3-8B": QWEN3_8B, "Qwen/Qwen3-8B-Base": QWEN3_8B, "qwen3-8b": QWEN3_8B,
 }
 
 
@@ -149,3 +171,11 @@ def lora_params(shape: ModelShape, r: int, targets: str | Iterable[str] = ALL_LI
         raise ValueError(f"LoRA rank must be >= 0, got {r}")
     linears = linear_shapes(shape)
     return shape.num_layers * sum(r * sum(linears[t]) for t in resolve_targets(targets))
+
+
+def lora_tensor_sizes(shape: ModelShape, r: int, targets: str | Iterable[str] = ALL_LINEAR) -> list[int]:
+    """Element counts of one adapter's tensors, one lora_A (r x in) and one lora_B (out x r) per targeted linear per
+    layer: an 8-bit optimizer decides per tensor whether its states are 8-bit (see estimate.optimizer_bytes)."""
+    linears = linear_shapes(shape)
+    per_layer = [n for t in resolve_targets(targets) for n in (r * linears[t][0], r * linears[t][1])]
+    return per_layer * shape.num_layers
