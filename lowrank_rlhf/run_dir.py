@@ -16,6 +16,7 @@ from .models.run_metadata import META_FILE
 
 OWNED_FILE = ".lowrank_rlhf-files.json"
 LOCK_FILE = ".lowrank_rlhf.lock"
+EVAL_MARKER = "lowrank_rlhf eval"  # = evaluation.MARKER, written near the top of every RUN/eval-*.json
 # Everything a run may write at the top of its directory: the stages' outputs, PEFT's model card (README.md, written
 # by save_pretrained beside the adapters), the PPO loop's files, the quickstart's report and the trackers' folders.
 RUN_FILES = ("recipe.yaml", META_FILE, "README.md", "sft", "reward", "policy", "value", "best", "checkpoint",
@@ -30,6 +31,15 @@ def _transient(name: str) -> bool:
     """Scratch entries of our atomic writes (.checkpoint.tmp-*, .checkpoint.old) and TRL's scratch folders
     (.sft-*, .reward-*, .dpo-*): a kill -9 can leave them behind, and they are ours to replace."""
     return name.startswith(".") and (".tmp-" in name or name.endswith(".old") or name.startswith((".sft-", ".reward-", ".dpo-")))
+
+
+def _eval_report(entry: Path) -> bool:
+    """RUN/eval-<task>.json written by `lowrank-rlhf eval` (its first line names it: evaluation.MARKER), which does
+    not list it in OWNED_FILE: without this a run that was evaluated could not be trained further."""
+    if not (entry.name.startswith("eval-") and entry.suffix == ".json" and entry.is_file()):
+        return False
+    with open(entry, errors="replace") as f:
+        return EVAL_MARKER in f.read(200)
 
 
 def owned_names(directory: Path) -> set[str]:
@@ -55,7 +65,7 @@ def check_writable(directory: Path, option: str) -> None:
         raise RunDirError(f"{directory} is a file, not a directory; choose another {option}")
     owned = owned_names(directory)
     for entry in sorted(directory.iterdir()):
-        if entry.name in owned or (owned and _transient(entry.name)):
+        if entry.name in owned or (owned and (_transient(entry.name) or _eval_report(entry))):
             continue
         raise RunDirError(f"{directory} holds {entry.name}, which lowrank_rlhf did not write; it writes only into an "
                           f"empty directory or one of its own (--overwrite replaces only files it wrote): move "
