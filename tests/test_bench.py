@@ -31,8 +31,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+# --isolate off: the layouts run in this process (monkeypatches reach them, no child start-up); the isolated run is
+# tested on its own below
 TINY_ARGS = ["--batch", "2", "--prompt-len", "8", "--response-len", "4", "--steps", "1", "--warmup", "1",
-             "--ppo-epochs", "1", "--lora-r", "4", "--device", "cpu"]
+             "--ppo-epochs", "1", "--lora-r", "4", "--device", "cpu", "--isolate", "off"]
 
 
 def run_bench(tmp_path, *extra):
@@ -184,6 +186,76 @@ def test_generation_probe_counts_only_during_the_trainers_generate_phase():
     with clock.phase("generate"):
         model(input_ids=torch.ones(2, 5))
     assert probe.prefill_calls == 1
+
+
+# ================================================================================================ critic-free and TRL
+def test_grpo_against_trls_grpo_trainer_each_layout_in_its_own_process(tmp_path):
+    code, report, path = run_bench(tmp_path, "--model", "tiny-llama", "--algorithm", "grpo", "--num-generations", "2",
+                                   "--layouts", "ours,trl-grpo", "--isolate", "on", "--beta", "0.04")
+    assert code == 0 and report["isolated_layouts"] is True
+    assert report["algorithm"] == {"name": "grpo", "num_generations": 2, "beta": 0.04,
+                                   "reward": "lowrank_rlhf.rewards:brevity"}
+    assert report["workload"]["responses_per_step"] == 4 and report["workload"]["tokens_per_step"] == 4 * (8 + 4)
+    ours, trl = report["layouts"]["ours"], report["layouts"]["trl-grpo"]
+    for layout in (ours, trl):
+        assert layout["status"] == "ok", layout["error"]
+        assert [s["warmup"] for s in layout["steps"]] == [True, False]
+        assert layout["peak_rss_scope"] == "layout's own process" and layout["peak_rss_bytes"] > 0
+        assert layout["step_time_median_s"] > 0 and layout["response_length"] == 4.0
+    assert ours["plan"]["planned_for"] == "ours"
+    # TRL samples as we do (no top-k/top-p, temperature 1, every completion forced to full length), one optimizer
+    # step per generation batch of batch x num_generations completions
+    assert {k: trl["generation"][k] for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                                              "max_new_tokens", "min_new_tokens")} == {
+        "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+        "max_new_tokens": 4, "min_new_tokens": 4}
+    assert trl["micro_batches"]["train"] == 4 and trl["not_matched"] and trl["weight_bytes"] == ours["weight_bytes"]
+    figures = report["ratios"]["ours/trl-grpo"]
+    assert figures["step_time_median_s"] == pytest.approx(ours["step_time_median_s"] / trl["step_time_median_s"])
+    assert figures["peak_rss_bytes"] == pytest.approx(ours["peak_rss_bytes"] / trl["peak_rss_bytes"])
+    names = {c["name"] for c in report["checks"]}
+    assert {"ours/trl-grpo peak RSS", "ours/trl-grpo step time (median)"} <= names
+    assert "| ours/trl-grpo |" in path.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp"])
+def test_algorithm_flag_reaches_our_trainer(tmp_path, monkeypatch, algorithm):
+    from lowrank_rlhf.bench import measure
+
+    seen = []
+
+    class Spy(PPOTrainer):
+        def train_step(self):
+            seen.append((self.ppo.algorithm, self.ppo.num_generations, self.ppo.beta, self.critic,
+                         tuple(self.model.roles), tuple(self.model.heads)))
+            return super().train_step()
+    monkeypatch.setattr(measure, "PPOTrainer", Spy)
+    code, report, _ = run_bench(tmp_path, "--model", "tiny-llama", "--algorithm", algorithm, "--num-generations", "2",
+                                "--beta", "0.1", "--layouts", "ours")
+    assert code == 0 and report["layouts"]["ours"]["status"] == "ok"
+    # the critic-free loop: the policy adapter alone, no value role or head, scored by the reward function
+    assert seen == [(algorithm, 2, 0.1, False, ("policy",), ())] * 2
+    assert report["layouts"]["ours"]["final_score"] is not None
+
+
+def test_layouts_that_do_not_match_the_algorithm_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="PPO's"):
+        run_bench(tmp_path, "--algorithm", "grpo", "--layouts", "ours,four-model")
+    with pytest.raises(SystemExit, match="needs --algorithm grpo"):
+        run_bench(tmp_path, "--layouts", "ours,trl-grpo")
+    with pytest.raises(SystemExit, match="num-generations >= 2"):
+        run_bench(tmp_path, "--algorithm", "rloo", "--num-generations", "1", "--layouts", "ours")
+
+
+def test_text_prompts_tokenize_to_exactly_the_prompt_length():
+    from lowrank_rlhf.bench.workload import exact_length_texts
+    from lowrank_rlhf.models.builtin import tiny_tokenizer
+    from lowrank_rlhf.models.random_llama import random_tokenizer
+
+    for tok in (tiny_tokenizer(), random_tokenizer(300)):
+        texts = exact_length_texts(tok, 6, 9, seed=0)
+        assert len(set(texts)) == 6 and all(len(tok(text=t)["input_ids"]) == 9 for t in texts)
+        assert exact_length_texts(tok, 6, 9, seed=0) == texts  # seeded
 
 
 # ================================================================================================ four-model layout

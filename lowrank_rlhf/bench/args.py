@@ -6,7 +6,11 @@ import argparse
 
 from ..memory import PHASES
 
-LAYOUTS = ("ours", "four-model", "ours-matched")
+LAYOUTS = ("ours", "four-model", "ours-matched", "trl-grpo")
+# the layouts that are PPO's (a critic and a reward model); the critic-free algorithms run ours and trl-grpo
+PPO_LAYOUTS = ("four-model", "ours-matched")
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
+DEFAULT_REWARD = "lowrank_rlhf.rewards:brevity"
 # tiny shapes built with random weights, for CPU smoke runs of the random-model path
 RANDOM_TINY = "random-tiny"
 
@@ -20,7 +24,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quantization", default="4bit", choices=("4bit", "8bit", "none"),
                         help="how each base is stored (default 4bit, NF4 with bf16 compute on GPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda if available")
-    parser.add_argument("--batch", type=int, default=32, help="rollout batch: prompts per PPO step (default 32)")
+    parser.add_argument("--algorithm", default="ppo", choices=ALGORITHMS,
+                        help="our loop's algorithm (ppo.algorithm, default ppo). ppo scores with the learned reward "
+                             "head; grpo, rloo and reinforce_pp load no critic and score with --reward")
+    parser.add_argument("--num-generations", type=int, default=None,
+                        help="responses per prompt (ppo.num_generations); default 1 for ppo, 4 otherwise")
+    parser.add_argument("--beta", type=float, default=0.04,
+                        help="KL coefficient of grpo/rloo/reinforce_pp and of trl-grpo (default 0.04)")
+    parser.add_argument("--reward", default=DEFAULT_REWARD,
+                        help="the Python reward function (module:function or file.py:function, TRL's signature) "
+                             f"of the critic-free algorithms and of trl-grpo (default {DEFAULT_REWARD})")
+    parser.add_argument("--batch", type=int, default=32,
+                        help="prompts per step (default 32); each gets --num-generations responses")
     parser.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt, exactly (default 256)")
     parser.add_argument("--response-len", type=int, default=256,
                         help="tokens per response, forced: no early EOS (default 256)")
@@ -39,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--gradient-checkpointing", default="auto", choices=("auto", "on", "off"),
                         help="auto = as the planner decides (default)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of every adapter (default 16)")
-    parser.add_argument("--ppo-epochs", type=int, default=4, help="PPO epochs per step (default 4, as TRL)")
+    parser.add_argument("--ppo-epochs", type=int, default=None,
+                        help="epochs over each rollout batch; default 4 for ppo (as TRL's PPO), 1 otherwise (TRL's "
+                             "GRPO num_iterations)")
     parser.add_argument("--mini-batches", type=int, default=1, help="minibatches per PPO epoch (default 1, as TRL)")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="GPU memory bandwidth in bytes/s for the weight-read floor, e.g. 3.35e12; default: "
@@ -47,17 +64,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="run a layout even when the planner says it does not fit the budget at micro-batch 1")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, prompts and sampling")
+    parser.add_argument("--isolate", default="auto", choices=("auto", "on", "off"),
+                        help="run each layout in its own process, so its peak RSS is its own: auto = on for CPU runs "
+                             "of more than one layout (default auto)")
     parser.add_argument("--json", default="bench.json", help="where to write the JSON; .md and .png go beside it")
     parser.add_argument("--run-dir", default=None, help="where the trainers write metrics.jsonl (default: a temp dir)")
     return parser
 
 
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on --algorithm (TRL's for each algorithm)."""
+    critic_free = args.algorithm != "ppo"
+    if args.num_generations is None:
+        args.num_generations = 4 if critic_free else 1
+    if args.ppo_epochs is None:
+        args.ppo_epochs = 1 if critic_free else 4
+
+
 def check_sizes(args: argparse.Namespace) -> None:
-    """Exit with a one-line message when the workload's sizes cannot make a PPO step."""
+    """Exit with a one-line message when the workload's sizes or layouts cannot make a step."""
+    resolve_defaults(args)
+    if args.num_generations < 1 or args.ppo_epochs < 1:
+        raise SystemExit("bench: --num-generations and --ppo-epochs must be >= 1")
+    if args.algorithm in ("grpo", "rloo") and args.num_generations < 2:
+        raise SystemExit(f"bench: --algorithm {args.algorithm} needs --num-generations >= 2 (the other samples of a "
+                         f"prompt are the baseline)")
+    layouts = parse_layouts(args.layouts)
+    ppo_only = [x for x in layouts if x in PPO_LAYOUTS]
+    if args.algorithm != "ppo" and ppo_only:
+        raise SystemExit(f"bench: layouts {', '.join(ppo_only)} are PPO's (critic and reward model); with --algorithm "
+                         f"{args.algorithm} use: ours, trl-grpo")
+    if "trl-grpo" in layouts and (args.algorithm != "grpo" or args.ppo_epochs != 1 or args.mini_batches != 1):
+        raise SystemExit("bench: layout trl-grpo compares TRL's GRPOTrainer step for step: it needs --algorithm grpo, "
+                         f"--ppo-epochs 1 and --mini-batches 1 (got {args.algorithm}, {args.ppo_epochs}, "
+                         f"{args.mini_batches})")
     if args.batch < 1 or args.prompt_len < 1 or args.response_len < 1 or args.steps < 1 or args.warmup < 0:
         raise SystemExit("bench: --batch, --prompt-len, --response-len and --steps must be >= 1, --warmup >= 0")
-    if args.mini_batches < 1 or args.batch % args.mini_batches:
-        raise SystemExit(f"bench: --batch ({args.batch}) must be divisible by --mini-batches ({args.mini_batches})")
+    rows = args.batch * args.num_generations
+    if args.mini_batches < 1 or rows % args.mini_batches:
+        raise SystemExit(f"bench: --batch x --num-generations ({rows}) must be divisible by --mini-batches "
+                         f"({args.mini_batches})")
 
 
 def parse_micro_batch(text: str) -> dict[str, int]:

@@ -93,11 +93,12 @@ class FourModelRoles(nn.Module):
         return self._owner(role).hidden_states(role, input_ids, attention_mask)
 
     def response_logprobs(self, role, input_ids, attention_mask, response_start, temperature=1.0,
-                          with_values=False, with_logits=False) -> dict:
+                          with_values=False, **kwargs) -> dict:
         if with_values:
             raise ValueError("the four-model layout has a separate value model; use token_values")
+        # kwargs: with_logits, with_entropy, chunk_tokens (RoleModel.response_logprobs)
         return self._owner(role).response_logprobs(role, input_ids, attention_mask, response_start, temperature,
-                                                   with_logits=with_logits)
+                                                   **kwargs)
 
     def token_values(self, input_ids, attention_mask, response_start):
         return self.value_model.token_values(input_ids, attention_mask, response_start)
@@ -151,7 +152,10 @@ class FourModelRoles(nn.Module):
 # ------------------------------------------------------------------------------------------------- memory planning
 # The four-model layout to the planner: three bases; policy and value adapters trained, the reward adapter frozen
 # (the reference is the policy's disabled adapter, not a frozen sft adapter as in ours).
+# Ours under a critic-free algorithm holds the policy adapter alone (reference = adapter disabled, the reward a Python
+# function), as TRL's GRPOTrainer does with PEFT.
 LAYOUT_PLANNING = {"ours": dict(bases=1, frozen_adapters=2),
+                   "ours-policy-only": dict(bases=1, frozen_adapters=0),
                    "four-model": dict(bases=1 + EXTRA_BASES, frozen_adapters=1)}
 
 

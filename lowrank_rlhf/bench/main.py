@@ -1,12 +1,19 @@
-"""One bench run: every asked layout in turn under the same budget, the report written after each one."""
+"""One bench run: every asked layout in turn under the same budget, the report written after each one.
+
+With --isolate (on CPU by default when more than one layout runs) each layout runs in a child process of its own
+(`python -m lowrank_rlhf.bench.child ARGS.json`): a process's peak RSS never goes down, so only then is a layout's
+peak RSS its own and not the high-water mark of the layouts before it."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import importlib.metadata
+import json
 import logging
 import platform
+import subprocess
+import sys
 import tempfile
 import traceback
 from dataclasses import asdict
@@ -16,7 +23,7 @@ import torch
 from accelerate.utils.memory import clear_device_cache
 
 from ..memory.plan import MemoryBudgetError, enforce_budget
-from .args import add_arguments, check_sizes
+from .args import add_arguments, check_sizes, resolve_defaults
 from .four_model import plan_four_model
 from .measure import empty_layout, lookup_bandwidth, run_layout
 from .report import checks, markdown, ratios, write_outputs
@@ -25,7 +32,8 @@ from .workload import Workload
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-DESCRIPTION = "memory and speed of PPO: our one-base layout against the four-model layout"
+DESCRIPTION = ("memory and speed of RL on one base: ours against the four-model layout (PPO) or TRL's GRPOTrainer "
+               "(--algorithm grpo --layouts ours,trl-grpo)")
 
 
 def _versions() -> dict:
@@ -35,7 +43,7 @@ def _versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            **{name: version(name) for name in ("transformers", "peft", "bitsandbytes", "accelerate",
+            **{name: version(name) for name in ("transformers", "peft", "bitsandbytes", "accelerate", "trl",
                                                 "lowrank_rlhf")}}
 
 
@@ -60,8 +68,10 @@ def free_memory(device: torch.device) -> None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     """Run every asked layout and return the report (also written to --json, .md and .png)."""
+    resolve_defaults(args)
     work = Workload(args)
     device = work.device
+    isolate = should_isolate(args, work)
     work.bandwidth, bandwidth_source = lookup_bandwidth(device, args.bandwidth)
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -69,12 +79,16 @@ def run_bench(args: argparse.Namespace) -> dict:
         "device": _device_info(device, work.bandwidth, bandwidth_source),
         "versions": _versions(),
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
+        "algorithm": {"name": args.algorithm, "num_generations": args.num_generations, "beta": args.beta,
+                      "reward": None if work.critic else args.reward},
         "model": {"name": work.model_name, "random_weights": work.random, "quantization": args.quantization,
                   "compute_dtype": str(work.dtype).replace("torch.", ""), "shape": asdict(work.shape)},
         "workload": {"batch": args.batch, "prompt_len": args.prompt_len, "response_len": args.response_len,
                      "warmup_steps": args.warmup, "measured_steps": args.steps, "ppo_epochs": args.ppo_epochs,
                      "mini_batches": args.mini_batches, "lora_r": args.lora_r,
-                     "tokens_per_step": args.batch * (args.prompt_len + args.response_len)},
+                     "num_generations": args.num_generations, "responses_per_step": work.rows,
+                     "tokens_per_step": work.rows * (args.prompt_len + args.response_len)},
+        "isolated_layouts": isolate,
         "budget_bytes": work.budget_bytes,
         "layouts": {},
         "ratios": {},
@@ -83,19 +97,30 @@ def run_bench(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         enforce_budget(work.budget_bytes, device)
     four_plan, four_plan_error = None, None
-    try:
-        four_plan = plan_four_model(work.cfg, work.budget_bytes, work.shape)
-    except ValueError as err:  # MemoryBudgetError: the three bases alone exceed the budget
-        four_plan_error = str(err)
+    if "four-model" in work.layouts or "ours-matched" in work.layouts:
+        try:
+            four_plan = plan_four_model(work.cfg, work.budget_bytes, work.shape)
+        except ValueError as err:  # MemoryBudgetError: the three bases alone exceed the budget
+            four_plan_error = str(err)
+    if len(work.layouts) == 1 or getattr(args, "_layout_process", False):
+        work.rss_scope = "layout's own process"
     with tempfile.TemporaryDirectory(prefix="lowrank_rlhf_bench_") as tmp:
         run_root = Path(args.run_dir) if args.run_dir else Path(tmp)
         for layout in work.layouts:
             result = report["layouts"][layout] = empty_layout(layout)
             four = report["layouts"].get("four-model")
-            used = four["micro_batches_measured"] if four and four["status"] == "ok" else None
+            used = (four["micro_batches_measured"] if four and four["status"] == "ok"
+                    else getattr(args, "_four_model_used", None))  # a child process: the parent's
             status, error = "ok", None
             try:
-                run_layout(work, layout, result, four_plan, four_plan_error, used, run_root)
+                if isolate:
+                    result.update(run_in_child(args, layout, Path(tmp), used))
+                elif layout == "trl-grpo":
+                    from .trl_grpo import run_trl_grpo  # TRL is imported by this layout only
+
+                    run_trl_grpo(work, result, run_root)
+                else:
+                    run_layout(work, layout, result, four_plan, four_plan_error, used, run_root)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except MemoryBudgetError as err:  # the planner: not even micro-batch 1 fits; nothing was built
@@ -104,6 +129,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                 status, error = "error", f"{type(err).__name__}: {_first_line(err)}"
                 result["traceback"] = traceback.format_exc(limit=8)
             # outside the except block: the traceback and the tensors its frames held are gone
+            if isolate and status == "ok":  # the child's own verdict
+                status, error = result["status"], result["error"]
             result["status"], result["error"] = status, error
             if error:
                 log.warning("layout %s: %s", layout, error)
@@ -113,6 +140,28 @@ def run_bench(args: argparse.Namespace) -> dict:
             report["checks"] = checks(report, work)
             write_outputs(report, Path(args.json))
     return report
+
+
+def should_isolate(args: argparse.Namespace, work: Workload) -> bool:
+    """--isolate: on, off, or auto = a CPU run of more than one layout (on CUDA the peaks are reset per layout)."""
+    if getattr(args, "_layout_process", False):
+        return False
+    if args.isolate == "auto":
+        return work.device.type == "cpu" and len(work.layouts) > 1
+    return args.isolate == "on"
+
+
+def run_in_child(args: argparse.Namespace, layout: str, tmp: Path, four_model_used: dict | None) -> dict:
+    """Run `layout` alone in a child process (bench/child.py) and return its result as the child measured it."""
+    child_json = tmp / f"{layout}.json"
+    child_args = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
+    child_args.update(layouts=layout, json=str(child_json), isolate="off", _four_model_used=four_model_used)
+    args_file = tmp / f"{layout}.args.json"
+    args_file.write_text(json.dumps(child_args))
+    proc = subprocess.run([sys.executable, "-m", "lowrank_rlhf.bench.child", str(args_file)])
+    if not child_json.is_file():
+        raise RuntimeError(f"the child process of layout {layout} exited with {proc.returncode} and wrote no report")
+    return json.loads(child_json.read_text())["layouts"][layout]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 
 from ..memory import PHASES
 from ..memory.plan import MemoryPlan, gradient_checkpointing
+from ..rewards import Scorer
 from ..rl.trainer import PPOTrainer
 from .four_model import predicted_peaks
 from .layouts import build_layout, layout_plan, model_layout
@@ -36,9 +39,14 @@ LAYOUT_KEYS = (
     "layout", "status", "error", "plan", "build_s", "weight_bytes", "decode_weight_bytes", "allocated_at_start_bytes",
     "static_allocated_bytes", "build_peak_allocated_bytes", "compute_dtypes", "gradient_checkpointing",
     "micro_batches", "micro_batches_measured", "peak_bytes", "predicted_peak_bytes", "measured_over_predicted",
-    "time_s", "step_time_s", "generate_tokens_per_s", "score_tokens_per_s", "train_tokens_per_s", "generate_passes",
+    "time_s", "step_time_s", "step_time_median_s", "peak_rss_bytes", "peak_rss_scope", "generate_tokens_per_s", "score_tokens_per_s", "train_tokens_per_s", "generate_passes",
     "decode_ms_per_step", "decode_ms_per_step_per_pass", "weight_read_floor_ms", "decode_over_floor", "oom_events",
     "generation", "final_kl", "final_score", "response_length", "steps")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def empty_layout(name: str) -> dict:
@@ -153,6 +161,9 @@ def run_layout(work: Workload, layout: str, result: dict, four_model_plan: Memor
     def scorer(rollout, runner):  # the learned reward head, micro-batched by the score phase's runner
         return model.rewards(rollout.input_ids, rollout.attention_mask, runner=runner)
 
+    if not work.critic:  # the Python reward function TRL's GRPOTrainer gets too, on the same prompt texts
+        scorer = Scorer(model, 0.0, {args.reward: (work.reward_function(), 1.0)}, work.prompt_texts(), {})
+
     trainer = PPOTrainer(model, cfg, work.prompts(), scorer, run_dir=run_root / layout, micro_batches=micro,
                          force_response_length=True, show_progress=False)
     # a forward hook inside a compiled step would break its graph: the compiled decoder is not watched
@@ -170,6 +181,7 @@ def run_layout(work: Workload, layout: str, result: dict, four_model_plan: Memor
         result["oom_events"] = [e for r in trainer.runners.values() for e in r.oom_events]
         result["micro_batches"] = {p: r.micro_batch for p, r in trainer.runners.items()}
         result["generation"] = {"decode": cfg.ppo.decode, **(probe.report() if probe else {})}
+        result["peak_rss_bytes"], result["peak_rss_scope"] = peak_rss_bytes(), work.rss_scope
         if result["steps"]:
             summarise(work, layout, result)
 
@@ -198,6 +210,7 @@ def summarise(work: Workload, layout: str, result: dict) -> None:
         return
     times = {p: mean([s["phases"].get(p, {}).get("time_s") for s in measured]) for p in PHASES}
     times["step"] = mean([s["step_time_s"] for s in measured])
+    result["step_time_median_s"] = statistics.median(s["step_time_s"] for s in measured)
     peaks = {}
     for p in PHASES:
         alloc = [s["phases"][p]["allocated"] for s in measured if p in s["phases"]]
@@ -208,11 +221,12 @@ def summarise(work: Workload, layout: str, result: dict) -> None:
                      for k in ("allocated", "reserved")}
     micro = measured[-1]["micro_batches"]
     only_first_step = args.warmup == 0 and args.steps == 1  # its generate/score precede any optimizer state
-    predicted = predicted_peaks(work.cfg, work.shape, model_layout(layout), micro, result["gradient_checkpointing"],
+    predicted = predicted_peaks(work.cfg, work.shape, model_layout(layout, work.critic), micro, result["gradient_checkpointing"],
                                 before_first_update=only_first_step)
     predicted["step"] = max(predicted.values())
-    tokens = args.batch * (args.prompt_len + args.response_len)
-    passes = math.ceil(args.batch / micro["generate"])
+    rows = work.rows
+    tokens = rows * (args.prompt_len + args.response_len)
+    passes = math.ceil(rows / micro["generate"])
     decode_ms = 1000 * times["generate"] / args.response_len if times["generate"] else None
     bandwidth = work.bandwidth
     floor_ms = 1000 * result["decode_weight_bytes"] / bandwidth if bandwidth else None
@@ -220,7 +234,7 @@ def summarise(work: Workload, layout: str, result: dict) -> None:
         micro_batches_measured=micro,
         time_s=times, step_time_s=times["step"], peak_bytes=peaks, predicted_peak_bytes=predicted,
         measured_over_predicted={p: ratio(peaks[p]["allocated"], predicted[p]) for p in predicted},
-        generate_tokens_per_s=ratio(args.batch * args.response_len, times["generate"]),
+        generate_tokens_per_s=ratio(rows * args.response_len, times["generate"]),
         score_tokens_per_s=ratio(tokens, times["score"]),
         train_tokens_per_s=ratio(tokens * args.ppo_epochs, times["train"]),
         generate_passes=passes, decode_ms_per_step=decode_ms,

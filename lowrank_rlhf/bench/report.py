@@ -1,5 +1,5 @@
-"""The bench's report: ratios ours / four-model, the issue's targets as checks, and the markdown table and plot
-written beside the JSON."""
+"""The bench's report: ratios ours / four-model and ours / trl-grpo, the issues' targets as checks, and the markdown
+table and plot written beside the JSON."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from .workload import Workload
 TARGET_PEAK_BYTES = {"llama2-7b": 10 * 1024**3, "llama2-13b": 16 * 1024**3}
 TARGET_PEAK_RATIO = 0.6
 TARGET_STEP_RATIO = 0.8
+# ours against TRL's GRPOTrainer (issue 13): step time (median) and peak memory (RSS on CPU, allocated on a GPU)
+TARGET_TRL_STEP_RATIO = 0.8
+TARGET_TRL_PEAK_RATIO = 0.7
 TARGET_PLANNER_ERROR = 0.15
 TARGET_DECODE_OVER_FLOOR = 5.0
 TARGET_BUILD_S = 120.0
@@ -25,22 +28,22 @@ def _figures(result: dict) -> dict:
     peak = result.get("peak_bytes") or {}
     step = peak.get("step", {})
     return {"peak_allocated": step.get("allocated"), "peak_reserved": step.get("reserved"),
-            "step_time_s": result.get("step_time_s"), "generate_tokens_per_s": result.get("generate_tokens_per_s"),
+            "step_time_s": result.get("step_time_s"), "step_time_median_s": result.get("step_time_median_s"),
+            "peak_rss_bytes": result.get("peak_rss_bytes"), "generate_tokens_per_s": result.get("generate_tokens_per_s"),
             "train_tokens_per_s": result.get("train_tokens_per_s"),
             "decode_ms_per_step": result.get("decode_ms_per_step"),
             **{f"peak_allocated_{p}": (peak.get(p) or {}).get("allocated") for p in PHASES}}
 
 
 def ratios(layouts: dict) -> dict:
-    """ours / four-model (and ours-matched / four-model) for every figure both layouts measured."""
-    base = layouts.get("four-model")
+    """ours / four-model, ours-matched / four-model and ours / trl-grpo for every figure both layouts measured."""
     out = {}
-    for name in ("ours", "ours-matched"):
-        mine = layouts.get(name)
+    for name, baseline in (("ours", "four-model"), ("ours-matched", "four-model"), ("ours", "trl-grpo")):
+        mine, base = layouts.get(name), layouts.get(baseline)
         if not base or not mine or base["status"] != "ok" or mine["status"] != "ok":
             continue
         a, b = _figures(mine), _figures(base)
-        out[f"{name}/four-model"] = {k: ratio(a[k], b[k]) for k in a}
+        out[f"{name}/{baseline}"] = {k: ratio(a[k], b[k]) for k in a}
     return out
 
 
@@ -69,6 +72,13 @@ def checks(report: dict, work: Workload) -> list[dict]:
         if work.random and work.device.type == "cuda":
             out.append(_check("random base build time (s)", ours["build_s"], TARGET_BUILD_S, "<="))
     for key, figures in report["ratios"].items():
+        if key.endswith("/trl-grpo"):
+            cuda = work.device.type == "cuda"
+            memory = figures["peak_allocated"] if cuda else figures["peak_rss_bytes"]
+            out.append(_check(f"{key} peak {'allocated' if cuda else 'RSS'}", memory, TARGET_TRL_PEAK_RATIO, "<="))
+            out.append(_check(f"{key} step time (median)", figures["step_time_median_s"], TARGET_TRL_STEP_RATIO,
+                              "<="))
+            continue
         out.append(_check(f"{key} peak allocated", figures["peak_allocated"], TARGET_PEAK_RATIO, "<="))
         out.append(_check(f"{key} step time", figures["step_time_s"], TARGET_STEP_RATIO, "<="))
     return out
@@ -83,11 +93,17 @@ def _num(x, fmt="{:.3g}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _algorithm(report: dict) -> str:
+    algo = report.get("algorithm") or {"name": "ppo", "num_generations": 1}
+    beta = f", beta {algo['beta']:g}" if algo["name"] != "ppo" else ""
+    return f"{algo['name']} ({algo['num_generations']} responses per prompt{beta})"
+
+
 def markdown(report: dict) -> str:
     layouts = [r for r in report["layouts"].values()]
     dev, model, w = report["device"], report["model"], report["workload"]
     lines = [f"# lowrank-rlhf bench: {model['name']} ({model['quantization']}) on {dev['name']}", "",
-             f"{report['date']} - batch {w['batch']}, prompt {w['prompt_len']}, response {w['response_len']} "
+             f"{report['date']} - {_algorithm(report)}, batch {w['batch']}, prompt {w['prompt_len']}, response {w['response_len']} "
              f"(forced), {w['measured_steps']} measured steps after {w['warmup_steps']} warm-up, "
              f"{w['ppo_epochs']} PPO epochs, LoRA r={w['lora_r']}, budget {_gib(report['budget_bytes'])}; "
              f"torch {report['versions']['torch']}, bitsandbytes {report['versions']['bitsandbytes']}", ""]
@@ -115,6 +131,9 @@ def markdown(report: dict) -> str:
         row(f"planner {phase} predicted [measured/predicted]",
             lambda r, p=phase: f"{_gib(r['predicted_peak_bytes'][p])} [{_num(r['measured_over_predicted'][p])}]")
     row("step time (s)", lambda r: _num(r["step_time_s"]))
+    row("step time, median (s)", lambda r: _num(r["step_time_median_s"]))
+    row("peak RSS", lambda r: _gib(r["peak_rss_bytes"]))
+    row("peak allocated, whole step", lambda r: _gib(r["peak_bytes"]["step"]["allocated"]))
     row("generate / score / train (s)", lambda r: " / ".join(_num(r["time_s"][p]) for p in PHASES))
     row("generation tokens/s", lambda r: _num(r["generate_tokens_per_s"], "{:.1f}"))
     row("training tokens/s", lambda r: _num(r["train_tokens_per_s"], "{:.1f}"))
@@ -123,19 +142,22 @@ def markdown(report: dict) -> str:
     row("weight-read floor ms [decode/floor]",
         lambda r: f"{_num(r['weight_read_floor_ms'])} [{_num(r['decode_over_floor'])}]")
     row("OOM events", lambda r: str(len(r["oom_events"])))
-    lines.append("\nPeaks are per phase (the counter is reset at each phase's start), maximum over the measured "
+    scopes = sorted({r["peak_rss_scope"] for r in layouts if r.get("peak_rss_scope")})
+    lines.append(f"\nPeak RSS: the peak resident memory of {' / '.join(scopes) or '-'}. Peaks are per phase (the counter is reset at each phase's start), maximum over the measured "
                  "steps; reserved includes the allocator's cache carried over from earlier phases. Decode ms/step = "
                  "generate time / response length; per pass = divided by the number of generate micro-batches.")
     for r in layouts:
+        if r.get("not_matched"):
+            lines.append(f"\n{r['layout']}: not matched to ours: " + "; ".join(r["not_matched"]) + ".")
         if r["error"]:
             lines.append(f"\n**{r['layout']}: {r['status']}** - {r['error']}")
     if report["ratios"]:
-        lines += ["", "| ratio | peak alloc | peak reserved | step time | gen tokens/s | train tokens/s |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| ratio | peak alloc | peak reserved | peak RSS | step time | step time (median) | "
+                      "gen tokens/s | train tokens/s |", "|---|---|---|---|---|---|---|---|"]
         for key, f in report["ratios"].items():
             lines.append(f"| {key} | {_num(f['peak_allocated'])} | {_num(f['peak_reserved'])} | "
-                         f"{_num(f['step_time_s'])} | {_num(f['generate_tokens_per_s'])} | "
-                         f"{_num(f['train_tokens_per_s'])} |")
+                         f"{_num(f['peak_rss_bytes'])} | {_num(f['step_time_s'])} | {_num(f['step_time_median_s'])} | "
+                         f"{_num(f['generate_tokens_per_s'])} | {_num(f['train_tokens_per_s'])} |")
     if report["checks"]:
         lines += ["", "| target | value | goal | pass |", "|---|---|---|---|"]
         for c in report["checks"]:
@@ -152,7 +174,8 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in report["layouts"].values() if r["status"] == "ok"]
+    # trl-grpo has no phases of ours: its step is one bar, its memory is in the table
+    ok = [r for r in report["layouts"].values() if r["status"] == "ok" and r["predicted_peak_bytes"]]
     colors = {"ours": "tab:blue", "four-model": "tab:red", "ours-matched": "tab:cyan"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(1, len(ok))
@@ -180,9 +203,13 @@ def plot(report: dict, path: Path) -> None:
         right.bar([r["layout"] for r in ok], values, bottom=bottom, label=phase, color=shade,
                   edgecolor=[colors.get(r["layout"]) for r in ok], linewidth=2)
         bottom = [b + v for b, v in zip(bottom, values)]
-    right.set_ylabel("seconds per PPO step")
+    whole = [r for r in report["layouts"].values() if r["status"] == "ok" and not r["predicted_peak_bytes"]]
+    if whole:
+        right.bar([r["layout"] for r in whole], [r["step_time_s"] or 0 for r in whole], color="tab:orange",
+                  label="whole step")
+    right.set_ylabel("seconds per step")
     right.set_title("step time")
-    if ok:
+    if ok or whole:
         right.legend(fontsize=8)
     model = report["model"]
     fig.suptitle(f"{model['name']} ({model['quantization']}) on {report['device']['name']}, batch "
