@@ -491,6 +491,26 @@ def test_kill_9_mid_ppo_then_resume_ends_with_the_same_adapters(tmp_path, straig
     assert_same_final_adapters(straight_run, tmp_path / "killed")
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp"])
+def test_kill_9_mid_critic_free_run_then_resume_ends_with_the_same_adapters(tmp_path, algorithm):
+    """The critic-free loops keep the same promise; their checkpoint holds no value role to restore."""
+    overrides = ("ppo.save_steps=1", f"ppo.algorithm={algorithm}", "ppo.num_generations=2", "ppo.beta=0.1")
+    straight = ppo_process(tmp_path, tmp_path / "straight", *overrides)
+    killed = ppo_process(tmp_path, tmp_path / "killed", *overrides, block_at=3)
+    assert finish(straight) == 0, log_of(straight)[-3000:]
+    wait_for((tmp_path / "blocked").exists, killed, "step 3")
+    assert checkpoint_step(tmp_path / "killed") == 2 and metric_steps(tmp_path / "killed") == [1, 2]
+    killed.send_signal(signal.SIGKILL)
+    assert finish(killed) == -signal.SIGKILL
+
+    resumed = ppo_process(tmp_path, tmp_path / "killed", *overrides, "ppo.resume=true")
+    assert finish(resumed) == 0, log_of(resumed)[-3000:]
+    assert "at step 2" in log_of(resumed) and metric_steps(tmp_path / "killed") == [1, 2, 3, 4]
+    a, b = (load_file(run / "policy/adapter_model.safetensors") for run in (tmp_path / "straight", tmp_path / "killed"))
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("value" in p.name for p in (tmp_path / "killed").rglob("*"))
+
+
 def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path):
     proc = ppo_process(tmp_path, tmp_path / "run", block_at=2)  # save_steps=0: only the end and Ctrl-C save
     wait_for((tmp_path / "blocked").exists, proc, "step 2")
