@@ -26,7 +26,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..memory.runner import MicroBatchRunner
 from ..memory.shapes import lora_targets
-from ..rl.ppo import selective_log_softmax
+from .lm_head import token_logprobs
 from .run_metadata import META_FILE, base_fingerprint, check_base, read_run_metadata
 
 log = logging.getLogger(__name__)
@@ -160,18 +160,21 @@ class RoleModel(nn.Module):
         return out.last_hidden_state
 
     def response_logprobs(self, role: str, input_ids, attention_mask, response_start: int, temperature: float = 1.0,
-                          with_values: bool = False, with_logits: bool = False) -> dict:
+                          with_values: bool = False, with_logits: bool = False, with_entropy: bool = False,
+                          chunk_tokens: int = 0) -> dict:
         """Logprobs of the response tokens (columns response_start:) under `role`.
 
         Logits are taken only at the positions that predict response tokens, in float32, divided by the sampling
-        temperature; with the shared critic the same forward also yields the values.
+        temperature; `chunk_tokens` > 0 makes them for that many tokens at a time (lm_head.py; ppo.logits_chunk_tokens).
+        with_entropy adds the per-token entropy (no grad); with_logits the full logits (unchunked, for inspection).
+        With the shared critic the same forward also yields the values.
         """
         hidden = self.hidden_states(role, input_ids, attention_mask)
         h = hidden[:, response_start - 1:-1]
-        logits = self.causal_lm.lm_head(h).float() / temperature
-        out = {"logprobs": selective_log_softmax(logits, input_ids[:, response_start:])}
+        out = token_logprobs(self.causal_lm.lm_head, h, input_ids[:, response_start:], temperature,
+                             chunk_tokens, with_entropy)
         if with_logits:
-            out["logits"] = logits
+            out["logits"] = self.causal_lm.lm_head(h).float() / temperature
         if with_values:
             out["values"] = self.heads["value"](h.float()).squeeze(-1)
         return out
@@ -195,10 +198,10 @@ class RoleModel(nn.Module):
         return torch.cat(parts, dim=0)
 
     def logprobs(self, role, input_ids, attention_mask, response_start, temperature=1.0, micro_batch=None,
-                 runner=None) -> torch.Tensor:
+                 runner=None, chunk_tokens: int = 0) -> torch.Tensor:
         def fn(a, b):
             return self.response_logprobs(role, input_ids[a:b], attention_mask[a:b], response_start,
-                                          temperature)["logprobs"]
+                                          temperature, chunk_tokens=chunk_tokens)["logprobs"]
         return self._batched(fn, len(input_ids), micro_batch, runner, "score")
 
     def values(self, input_ids, attention_mask, response_start, micro_batch=None, runner=None) -> torch.Tensor:

@@ -48,15 +48,15 @@ def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: Mi
                   score_moments: RunningMoments) -> Experience:
     """Without a critic (grpo, rloo, reinforce_pp) no values; with beta=0 no reference forward either."""
     critic, reference_pass = has_critic(ppo.algorithm), needs_reference(ppo)
-    temp, shared = ppo.temperature, critic and model.critic == "shared"
+    temp, shared, chunk = ppo.temperature, critic and model.critic == "shared", ppo.logits_chunk_tokens
 
     def policy(ids, mask, start):
-        out = model.response_logprobs("policy", ids, mask, start, temp, with_values=shared)
+        out = model.response_logprobs("policy", ids, mask, start, temp, with_values=shared, chunk_tokens=chunk)
         return torch.stack([out["logprobs"], out["values"]], dim=-1) if shared else out["logprobs"]
 
     def reference(ids, mask, start):
-        # exactly the policy's code path and temperature: KL is 0 while policy == sft
-        return model.response_logprobs(REFERENCE, ids, mask, start, temp)["logprobs"]
+        # exactly the policy's code path, temperature and chunking: KL is 0 while policy == sft
+        return model.response_logprobs(REFERENCE, ids, mask, start, temp, chunk_tokens=chunk)["logprobs"]
 
     policy_out = map_rows(rollout, runner, policy)
     logprobs = policy_out[..., 0] if shared else policy_out

@@ -1,0 +1,86 @@
+"""Issue 16's memory levers at run time, on tiny-llama in 4-bit and 8-bit: ppo.optim (bitsandbytes' 8-bit AdamW),
+lora.frozen_dtype=compute (frozen adapters in bf16) and ppo.logits_chunk_tokens (logits a chunk of tokens at a time)."""
+
+import pytest
+import torch
+
+from conftest import make_batch
+from lowrank_rlhf.models.roles import RoleModel
+from test_roles import randomize
+from test_trainer import adapter_weights, assert_same, make_trainer, recipe
+
+QUANTIZED = ["4bit", "8bit"]
+
+
+# ------------------------------------------------------------------------------------------ ppo.logits_chunk_tokens
+def chunked_forward(model, ids, mask, start, chunk):
+    """Logprobs, entropy and the policy adapter's gradient of a weighted logprob sum, one forward."""
+    params = [p for p in model.role_parameters("policy")]
+    out = model.response_logprobs("policy", ids, mask, start, temperature=0.7, with_entropy=True, chunk_tokens=chunk)
+    weights = torch.linspace(-1.0, 2.0, out["logprobs"].numel()).reshape(out["logprobs"].shape)
+    grads = torch.autograd.grad((out["logprobs"] * weights).sum(), params)
+    return out["logprobs"].detach(), out["entropy"], grads
+
+
+@pytest.mark.parametrize("quantization", QUANTIZED)
+def test_chunked_logits_give_the_same_logprobs_entropy_and_gradients(quantization, load_tiny, lora_cfg):
+    base, tok = load_tiny(quantization)
+    model = RoleModel(base, tok, lora_cfg, roles=("policy",))
+    randomize(model, "policy")
+    ids, mask, start = make_batch(tok)  # 3 rows x 5 response tokens = 15 tokens
+    logprobs, entropy, grads = chunked_forward(model, ids, mask, start, 0)
+    assert entropy.shape == logprobs.shape == (3, 5) and not entropy.requires_grad
+    for chunk in (4, 15, 64):  # smaller than (and not dividing), equal to, larger than the response tokens
+        c_logprobs, c_entropy, c_grads = chunked_forward(model, ids, mask, start, chunk)
+        torch.testing.assert_close(c_logprobs, logprobs, rtol=0, atol=1e-6)
+        torch.testing.assert_close(c_entropy, entropy, rtol=0, atol=1e-6)
+        for g, c in zip(grads, c_grads):
+            torch.testing.assert_close(c, g, rtol=1e-5, atol=1e-6)
+    # scoring's path (no grad): the same numbers chunked and not
+    scored = {c: model.logprobs("policy", ids, mask, start, temperature=0.7, chunk_tokens=c) for c in (0, 4)}
+    torch.testing.assert_close(scored[4], scored[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("quantization", QUANTIZED)
+def test_chunked_logits_never_exist_for_the_whole_micro_batch(quantization, load_tiny, lora_cfg):
+    """lm_head never outputs more than a chunk (forward and the backward's recomputation), and no tensor kept for
+    the backward holds more than a chunk of logits."""
+    base, tok = load_tiny(quantization)
+    model = RoleModel(base, tok, lora_cfg, roles=("policy",))
+    vocab = model.causal_lm.config.vocab_size
+    ids, mask, start = make_batch(tok)
+    largest = {"output": 0, "saved": 0}
+
+    def on_output(module, args, output):
+        largest["output"] = max(largest["output"], output.numel())
+
+    def pack(t):  # logits carry grad; lm_head's weight (also vocab-wide, expanded for the matmul) does not
+        if t.dim() and t.shape[-1] == vocab and t.requires_grad:
+            largest["saved"] = max(largest["saved"], t.numel())
+        return t
+
+    hook = model.causal_lm.lm_head.register_forward_hook(on_output)
+    try:
+        for chunk, expected in ((0, 15 * vocab), (4, 4 * vocab)):
+            largest.update(output=0, saved=0)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model.response_logprobs("policy", ids, mask, start, with_entropy=True, chunk_tokens=chunk)
+            out["logprobs"].sum().backward()
+            assert largest["output"] == expected, chunk
+            assert largest["saved"] == (expected if chunk == 0 else 0), chunk  # checkpointed chunks keep no logits
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("quantization", QUANTIZED)
+def test_chunked_training_step_matches_the_unchunked_one_and_kl_starts_at_zero(tmp_path, quantization):
+    args = (f"model.quantization={quantization}", "ppo.total_steps=1", "ppo.num_ppo_epochs=1")
+    plain = make_trainer(recipe(tmp_path / "a", *args))
+    chunked = make_trainer(recipe(tmp_path / "b", *args, "ppo.logits_chunk_tokens=5"))
+    exp = chunked.score(chunked.rollout())
+    assert exp.kl.abs().max().item() == 0.0  # policy and reference: the same chunked path
+    m_plain, m_chunked = plain.train_step(), chunked.train_step()
+    for key in ("objective/kl", "objective/entropy", "policy/entropy_avg", "loss/policy_avg", "loss/value_avg"):
+        assert m_chunked[key] == pytest.approx(m_plain[key], abs=1e-5), key
+    assert_same(adapter_weights(plain), adapter_weights(chunked), atol=1e-6)
+
