@@ -1,6 +1,7 @@
 """Issue 16's memory levers at run time, on tiny-llama in 4-bit and 8-bit: ppo.optim (bitsandbytes' 8-bit AdamW),
 lora.frozen_dtype=compute (frozen adapters in bf16) and ppo.logits_chunk_tokens (logits a chunk of tokens at a time)."""
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
@@ -10,6 +11,42 @@ from test_roles import randomize
 from test_trainer import adapter_weights, assert_same, make_trainer, recipe
 
 QUANTIZED = ["4bit", "8bit"]
+
+
+# ------------------------------------------------------------------------------------------ ppo.optim
+@pytest.mark.parametrize("quantization", QUANTIZED)
+@pytest.mark.parametrize("optim, cls", [("adamw_8bit", bnb.optim.AdamW8bit),
+                                        ("paged_adamw_8bit", bnb.optim.PagedAdamW8bit)])
+def test_8bit_optimizers_train_with_8bit_states_and_resume_exactly(tmp_path, quantization, optim, cls):
+    # lora.r=64: tiny-llama's LoRA matrices reach bitsandbytes' min_8bit_size (4096), so the states really are 8-bit
+    args = (f"model.quantization={quantization}", f"ppo.optim={optim}", "lora.r=64", "ppo.total_steps=2",
+            "ppo.num_ppo_epochs=1", "ppo.weight_decay=0.01")
+    straight = make_trainer(recipe(tmp_path / "a", *args))
+    assert type(straight.optimizer) is cls
+    assert [g["lr"] for g in straight.optimizer.param_groups] == [1e-3, 1e-3]  # policy, value: their own groups
+    assert {(g["eps"], g["weight_decay"]) for g in straight.optimizer.param_groups} == {(1e-5, 0.01)}
+    before = adapter_weights(straight)
+    straight.train()
+    after = adapter_weights(straight)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    dtypes = {v.dtype for s in straight.optimizer.state.values() for v in s.values() if torch.is_tensor(v)}
+    assert torch.uint8 in dtypes  # 8-bit moments
+    interrupted = make_trainer(recipe(tmp_path / "b", *args))
+    interrupted.train_step()
+    interrupted.save_checkpoint()
+    resumed = make_trainer(recipe(tmp_path / "b", *args, "ppo.resume=true"))
+    resumed.train()
+    assert resumed.step == 2
+    assert_same(after, adapter_weights(resumed), atol=0)
+
+
+def test_8bit_optimizer_steps_differ_from_fp32_adamw(tmp_path):
+    """The key is not ignored: the same step with 8-bit states lands elsewhere than with fp32 AdamW."""
+    args = ("lora.r=64", "ppo.total_steps=1", "ppo.num_ppo_epochs=1")
+    fp32, eight = (make_trainer(recipe(tmp_path / o, *args, f"ppo.optim={o}")) for o in ("adamw", "adamw_8bit"))
+    fp32.train_step(), eight.train_step()
+    a, b = adapter_weights(fp32), adapter_weights(eight)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------ ppo.logits_chunk_tokens

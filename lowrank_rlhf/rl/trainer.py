@@ -36,6 +36,7 @@ from . import state as run_state
 from .decoding import StaticDecoder
 from .experience import Experience, Rollout, TrainBatch
 from .health import HeldOutEval, OveroptimizationAlarm, best_metric_name
+from .optim import build_optimizer
 from .ppo import AdaptiveKLController, FixedKLController, RunningMoments, gae, masked_whiten, token_rewards
 from .reporting import MetricsLog
 from .rollout import sample_rollout, stop_token_ids
@@ -89,7 +90,7 @@ class PPOTrainer:
         groups = [{"params": self.policy_params, "lr": self.ppo.learning_rate}]
         if self.value_params:
             groups.append({"params": self.value_params, "lr": self.ppo.value_learning_rate})
-        self.optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=self.ppo.weight_decay)
+        self.optimizer = build_optimizer(groups, self.ppo)  # ppo.optim: adamw, or bitsandbytes' 8-bit states
         updates = self.ppo.total_steps * self.ppo.num_ppo_epochs * self.ppo.num_mini_batches
         self.scheduler = get_scheduler(self.ppo.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
                                        num_training_steps=updates)
@@ -197,7 +198,8 @@ class PPOTrainer:
         loss_mask = exp.mask * exp.rollout.has_stop.unsqueeze(1) if ppo.mask_truncated_completions else None
         if not self.critic:
             advantages, non_score = algorithms.critic_free_advantages(
-                ppo.algorithm, exp.scores, exp.kl, exp.mask, ppo.num_generations, self.kl_ctl.value, ppo.scale_rewards)
+                ppo.algorithm, exp.scores, exp.kl, exp.mask, ppo.num_generations, self.kl_ctl.value, ppo.scale_rewards,
+                sum_across_ranks=(lambda t: reduce(t, "sum")) if self.state.num_processes > 1 else None)
             return dataclasses.replace(exp, non_score_reward=non_score, advantages=advantages, loss_mask=loss_mask)
         rewards, non_score = token_rewards(exp.scores, exp.kl, exp.mask, self.kl_ctl.value)
         if ppo.whiten_rewards:
