@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from conftest import make_batch
-from lowrank_rlhf.models.roles import RoleModel
+from lowrank_rlhf.config import LoraConfig, ModelConfig
+from lowrank_rlhf.models.frozen_dtype import UpcastLinear
+from lowrank_rlhf.models.loading import load_base
+from lowrank_rlhf.models.roles import REFERENCE, RoleModel
+from lowrank_rlhf.rl.trainer import PPOTrainer
 from test_roles import randomize
-from test_trainer import adapter_weights, assert_same, make_trainer, recipe
+from test_trainer import adapter_weights, assert_same, letter_share, make_trainer, recipe
 
 QUANTIZED = ["4bit", "8bit"]
 
@@ -121,3 +125,72 @@ def test_chunked_training_step_matches_the_unchunked_one_and_kl_starts_at_zero(t
         assert m_chunked[key] == pytest.approx(m_plain[key], abs=1e-5), key
     assert_same(adapter_weights(plain), adapter_weights(chunked), atol=1e-6)
 
+
+# ------------------------------------------------------------------------------------------ lora.frozen_dtype
+def bf16_base(quantization):
+    return load_base(ModelConfig(name="tiny-llama", quantization=quantization, device="cpu", dtype="bfloat16"))
+
+
+def sft_and_reward_run(tmp_path, quantization, lora):
+    """A run directory with a random (non-zero) sft adapter, a reward adapter and a reward head, all fp32."""
+    base, tok = bf16_base(quantization)
+    run = RoleModel(base, tok, lora, roles=("sft", "reward"), trainable=(), base_name="tiny-llama",
+                    quantization=quantization)
+    randomize(run, "sft", seed=1)
+    randomize(run, "reward", seed=2)
+    run.save(tmp_path)
+    return tmp_path
+
+
+def load_roles(run_dir, quantization, frozen_dtype):
+    base, tok = bf16_base(quantization)
+    lora = LoraConfig(r=4, alpha=8, frozen_dtype=frozen_dtype)
+    return RoleModel.load(base, tok, run_dir, lora, base_name="tiny-llama", quantization=quantization,
+                          roles=("policy", "value", "sft", "reward"))
+
+
+def role_params(model, role):
+    return [p for n, p in model.peft.named_parameters() if model._role_of_param(n) == role]
+
+
+@pytest.mark.parametrize("quantization", QUANTIZED)
+def test_frozen_adapters_in_bf16_halve_their_bytes_and_keep_kl_exactly_zero(tmp_path, quantization, lora_cfg):
+    run_dir = sft_and_reward_run(tmp_path, quantization, lora_cfg)
+    full, compact = (load_roles(run_dir, quantization, d) for d in ("float32", "compute"))
+    for role in ("sft", "reward"):
+        assert {p.dtype for p in role_params(compact, role)} == {torch.bfloat16}
+        assert not any(p.requires_grad for p in role_params(compact, role))
+        nbytes = [sum(p.nbytes for p in role_params(m, role)) for m in (full, compact)]
+        assert nbytes[1] * 2 == nbytes[0]
+    assert isinstance(compact.heads["reward"], UpcastLinear) and compact.heads["reward"].weight.dtype == torch.bfloat16
+    for role in ("policy", "value"):  # trained: fp32 and trainable
+        assert {p.dtype for p in role_params(compact, role)} == {torch.float32}
+        assert all(p.requires_grad for p in role_params(compact, role))
+    assert compact.heads["value"].weight.dtype == torch.float32
+    ids, mask, start = make_batch(compact.tokenizer)
+    # the frozen roles: unchanged within bf16 rounding of their weights (and changed: the rounding is real)
+    ref = {m: m.logprobs(REFERENCE, ids, mask, start) for m in (full, compact)}
+    assert 0 < (ref[compact] - ref[full]).abs().max().item() < 0.05
+    rewards = {m: m.rewards(ids, mask) for m in (full, compact)}
+    assert 0 < (rewards[compact] - rewards[full]).abs().max().item() < 0.05
+    # the policy starts from sft's rounded values, computed the same way: KL exactly 0
+    for p, s in zip(role_params(compact, "policy"), role_params(compact, "sft")):
+        assert p.dtype == torch.float32 and torch.equal(p, s.float())
+    assert torch.equal(compact.logprobs("policy", ids, mask, start), ref[compact])
+
+
+@pytest.mark.parametrize("quantization", QUANTIZED)
+def test_frozen_bf16_reference_gives_exactly_zero_kl_in_a_training_step(tmp_path, quantization, lora_cfg):
+    run_dir = sft_and_reward_run(tmp_path / "run", quantization, lora_cfg)
+    cfg = recipe(tmp_path / "ppo", f"model.quantization={quantization}", "model.dtype=bfloat16",
+                 "lora.frozen_dtype=compute", "ppo.total_steps=1", "ppo.num_ppo_epochs=1",
+                 "ppo.logits_chunk_tokens=7")
+    model = load_roles(run_dir, quantization, "compute")
+    prompts = [model.tokenizer(f"prompt {i}")["input_ids"] for i in range(4)]
+    trainer = PPOTrainer(model, cfg, prompts, letter_share(model.tokenizer), show_progress=False)
+    sft_before = [p.detach().clone() for p in role_params(model, "sft")]
+    policy_before = [p.detach().clone() for p in role_params(model, "policy")]
+    metrics = trainer.train_step()
+    assert metrics["objective/kl"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(sft_before, role_params(model, "sft")))  # frozen stays
+    assert any(not torch.equal(a, b) for a, b in zip(policy_before, role_params(model, "policy")))  # policy trains

@@ -26,6 +26,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..memory.runner import MicroBatchRunner
 from ..memory.shapes import lora_targets
+from .frozen_dtype import compact, compact_adapter, round_to
 from .lm_head import token_logprobs
 from .run_metadata import META_FILE, base_fingerprint, check_base, read_run_metadata
 
@@ -89,6 +90,8 @@ class RoleModel(nn.Module):
                 # nn.Linear's default init, not zeros: a zero head would give the value adapter zero gradient.
                 self.heads[head] = nn.Linear(hidden, 1).to(device=base.device, dtype=torch.float32)
         self._tuner_layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
+        if lora.frozen_dtype == "compute":
+            self._store_frozen_in(base.get_input_embeddings().weight.dtype, sources)
         self._apply_trainability()
 
     # ---- building -------------------------------------------------------------------------------------------
@@ -103,6 +106,21 @@ class RoleModel(nn.Module):
         else:
             # is_trainable=True: PEFT's default (False) would freeze a resumed policy for good.
             self.peft.load_adapter(str(source), adapter_name=role, is_trainable=True)
+
+    def _store_frozen_in(self, dtype: torch.dtype, sources: dict) -> None:
+        """lora.frozen_dtype=compute: sft and reward adapters and the reward head in `dtype` (the dtype the hidden
+        states flow in), computed in fp32 (frozen_dtype.py); a policy loaded from sft's files is rounded alike, so
+        it starts as an exact copy of the reference."""
+        if dtype == torch.float32:
+            return
+        frozen = [r for r in ("sft", "reward") if r in self.roles and r not in self.trainable_roles]
+        for role in frozen:
+            compact_adapter(self._tuner_layers, role, dtype)
+        if "reward" in frozen and "reward" in self.heads:
+            self.heads["reward"] = compact(self.heads["reward"], dtype)
+        policy_is_sft_copy = sources.get("sft") is not None and sources.get("policy") == sources["sft"]
+        if "sft" in frozen and "policy" in self.roles and policy_is_sft_copy:
+            round_to([p for n, p in self.peft.named_parameters() if self._role_of_param(n) == "policy"], dtype)
 
     def _apply_trainability(self) -> None:
         """The one place that decides requires_grad: trainable roles' LoRA weights and the value head."""
