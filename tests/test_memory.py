@@ -541,3 +541,34 @@ def test_a_plan_that_does_not_fit_names_the_lever_that_would():
                          "ppo.optim=adamw_8bit", "lora.frozen_dtype=compute", f"ppo.logits_chunk_tokens={chunk}",
                          budget="9GiB", shape=QWEN3_8B)
     assert fixed.fits and "would fit with: ppo.logits_chunk_tokens=" in tight.table()
+
+
+# ----------------------------------------------------------------------------- shapes known offline (issue 16)
+
+
+def test_known_shapes_match_the_published_parameter_counts():
+    from lowrank_rlhf.memory.shapes import KNOWN_SHAPES, LLAMA2_70B, LLAMA31_8B, LLAMA_33B, LLAMA_65B, QWEN3_8B
+
+    assert LLAMA31_8B.num_params == 8_030_261_248  # meta-llama/Llama-3.1-8B's safetensors total
+    assert LLAMA2_70B.num_params == 68_976_648_192  # its config by the LLaMA layout (embeddings, linears, norms, lm_head)
+    # Qwen3-8B's 8,190,735,360 includes q_norm and k_norm (2 x 128 weights x 36 layers), which the shape leaves out
+    assert QWEN3_8B.num_params + 2 * 128 * 36 == 8_190_735_360
+    assert LLAMA_33B.num_params == pytest.approx(32.5e9, rel=0.005)  # the LLaMA paper's 32.5 B and 65.2 B
+    assert LLAMA_65B.num_params == pytest.approx(65.2e9, rel=0.005)
+    # grouped-query attention: 8 KV heads -> a quarter (70B: an eighth) of the multi-head KV cache
+    assert (LLAMA2_70B.num_kv_heads, LLAMA31_8B.num_kv_heads, QWEN3_8B.num_kv_heads) == (8, 8, 8)
+    assert LLAMA31_8B.kv_bytes_per_token == LLAMA2_7B.kv_bytes_per_token // 4
+    assert not (LLAMA31_8B.tie_word_embeddings or QWEN3_8B.tie_word_embeddings)
+    assert (LLAMA31_8B.vocab_size, QWEN3_8B.vocab_size) == (128256, 151936)
+    assert QWEN3_8B.lm_head_params == QWEN3_8B.embedding_params == 151936 * 4096
+    for name in ("huggyllama/llama-30b", "huggyllama/llama-65b", "meta-llama/Llama-2-70b-hf",
+                 "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B"):
+        assert name in KNOWN_SHAPES
+
+
+def test_lora_tensor_sizes_sum_to_the_adapter():
+    from lowrank_rlhf.memory.shapes import lora_tensor_sizes
+
+    sizes = lora_tensor_sizes(TINY, 4, "all-linear")
+    assert len(sizes) == 2 * 7 * 2 and sum(sizes) == lora_params(TINY, 4, "all-linear")
+    assert sizes[:2] == [4 * 16, 4 * 16]  # q_proj: lora_A r x h, lora_B q x r

@@ -22,7 +22,19 @@ EXPECTED = {
     "llama-7b-colab-t4.yaml": ("huggyllama/llama-7b", "15GiB"),
     "text2sql-smollm2.yaml": ("smollm2-135m", "4GiB"),
     "text2sql-llama2-7b-rtx3090.yaml": ("meta-llama/Llama-2-7b-chat-hf", "24GiB"),
+    # issue 16: bigger models and smaller cards through the memory levers
+    "llama-33b-rtx3090.yaml": ("huggyllama/llama-30b", "24GiB"),
+    "llama2-7b-6gb.yaml": ("meta-llama/Llama-2-7b-hf", "6GiB"),
+    "llama2-13b-10gb.yaml": ("meta-llama/Llama-2-13b-hf", "10GiB"),
+    "llama3-8b-rtx4090.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "24GiB"),
+    "qwen3-8b-colab-t4.yaml": ("Qwen/Qwen3-8B", "15GiB"),
+    # issue 13: critic-free GRPO on the 24 GB and 16 GB cards
+    "llama2-7b-grpo-rtx3090.yaml": ("meta-llama/Llama-2-7b-hf", "24GiB"),
+    "llama2-7b-grpo-colab-t4.yaml": ("meta-llama/Llama-2-7b-hf", "15GiB"),
+    "llama2-13b-grpo-rtx4090.yaml": ("meta-llama/Llama-2-13b-hf", "24GiB"),
+    "llama2-13b-grpo-colab-t4.yaml": ("meta-llama/Llama-2-13b-hf", "15GiB"),
 }
+GRPO_RECIPES = sorted(name for name in EXPECTED if "-grpo-" in name)
 
 
 def test_every_recipe_is_covered():
@@ -69,6 +81,45 @@ def test_quickstart_smoke_only_shrinks_the_run(tmp_path):
 
 
 def test_gpu_recipes_name_public_datasets_by_hub_id():
-    for name in ("llama2-7b-rtx3090.yaml", "llama2-13b-rtx4090.yaml", "llama-7b-colab-t4.yaml"):
+    for name in ("llama2-7b-rtx3090.yaml", "llama2-13b-rtx4090.yaml", "llama-7b-colab-t4.yaml", "llama-33b-rtx3090.yaml",
+                 "llama2-7b-6gb.yaml", "llama2-13b-10gb.yaml", "llama3-8b-rtx4090.yaml", "qwen3-8b-colab-t4.yaml",
+                 *GRPO_RECIPES):
         data = yaml.safe_load((RECIPES / name).read_text())["data"]
         assert all("/" in data[k] and not Path(data[k]).exists() for k in ("sft", "preferences", "prompts"))
+
+
+def test_llama_33b_plan_says_it_fits_24gib_with_the_reasons():
+    """Issue 16's done-when: `lowrank-rlhf plan recipes/llama-33b-rtx3090.yaml` says it fits 24 GiB, and why: each
+    lever's line gives the floor with it and without it, and without them the floor leaves no room to run."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lowrank_rlhf", "plan", str(RECIPES / "llama-33b-rtx3090.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "fits" and "budget 24.00 GiB" in out.stdout
+    for lever in ("ppo.optim=adamw_8bit: floor", "lora.frozen_dtype=compute: floor", "lora.critic=shared: floor",
+                  "ppo.logits_chunk_tokens=256:"):
+        assert any(line.startswith(f"lever {lever}") for line in lines), lever
+    cfg = load_recipe(RECIPES / "llama-33b-rtx3090.yaml")
+    released = load_recipe(RECIPES / "llama-33b-rtx3090.yaml", ["ppo.optim=adamw", "lora.frozen_dtype=float32",
+                                                               "lora.critic=separate", "ppo.logits_chunk_tokens=0"])
+    with_levers, without = plan_recipe(cfg), plan_recipe(released)
+    assert with_levers.fits and with_levers.floor_bytes < without.floor_bytes
+    assert not without.fits  # the levers are what makes it fit
+    assert "would fit with:" in without.table()
+
+
+@pytest.mark.parametrize("name", GRPO_RECIPES)
+def test_grpo_recipes_plan_no_critic_and_whole_groups(name):
+    """Critic-free: one trained adapter, no value head; the rollout holds whole groups of num_generations rows."""
+    from lowrank_rlhf.memory.plan import recipe_adapters
+
+    cfg = load_recipe(RECIPES / name)
+    assert (cfg.ppo.algorithm, cfg.ppo.num_generations, cfg.ppo.beta) == ("grpo", 8, 0.04)
+    assert cfg.ppo.rollout_batch_size % cfg.ppo.num_generations == 0
+    adapters = recipe_adapters(cfg)
+    assert (adapters.n_trainable, adapters.n_trainable_heads) == (1, 0)
+    ppo = plan_recipe(load_recipe(RECIPES / name, ["ppo.algorithm=ppo"]))
+    assert plan_recipe(cfg).floor_bytes < ppo.floor_bytes
