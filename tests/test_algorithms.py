@@ -167,7 +167,20 @@ groups = [trainer.prompt_indices(step)[0].tolist() for step in range(2)]
 before = adapter_weights(trainer)
 trainer.train()
 after = adapter_weights(trainer)
-torch.save({{"flat": torch.cat([t.flatten() for t in after.values()]), "groups": groups,
+# batch statistics span both ranks: each rank's half of a batch gets the whole batch's advantages
+from accelerate.utils import reduce
+from lowrank_rlhf.rl import algorithms as alg
+rank, total = dist.get_rank(), lambda t: reduce(t, "sum")
+scores = torch.arange(8.0) ** 1.5
+tokens = torch.arange(24.0).reshape(8, 3).sin()
+mask = torch.ones(8, 3)
+mask[1, 2:] = mask[6, 1:] = 0
+mine = slice(4 * rank, 4 * rank + 4)
+batch_error = max(
+    (alg.group_advantages(scores[mine], 2, "batch", total) - alg.group_advantages(scores, 2, "batch")[mine]).abs().max(),
+    (alg.masked_whiten_across_ranks(tokens[mine], mask[mine], total)
+     - alg.masked_whiten_across_ranks(tokens, mask)[mine]).abs().max())
+torch.save({{"flat": torch.cat([t.flatten() for t in after.values()]), "groups": groups, "batch_error": batch_error,
             "changed": any(not torch.equal(before[k], after[k]) for k in before), "world": dist.get_world_size()}},
            Path({run!r}) / f"rank{{dist.get_rank()}}.pt")
 """
@@ -195,3 +208,15 @@ def test_critic_free_two_cpu_ranks_end_with_identical_adapters_and_never_split_a
         for mine in rows:  # each rank holds whole groups: a prompt's 2 samples side by side
             assert mine[0::2] == mine[1::2]
         assert not set(rows[0]) & set(rows[1])  # and no prompt is on both ranks
+    assert all(r["batch_error"] < 1e-5 for r in ranks)  # scale_rewards=batch, REINFORCE++ whitening
+
+
+def test_whitening_across_ranks_with_one_rank_is_masked_whiten():
+    x, mask = torch.tensor([[1.0, 2.0, 9.0], [4.0, 0.0, 5.0]]), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    expected = alg.masked_whiten(x, mask)
+    identity = lambda t: t  # noqa: E731  (a "sum over one rank")
+    torch.testing.assert_close(alg.masked_whiten_across_ranks(x, mask, identity), expected)
+    assert alg.masked_whiten_across_ranks(x, mask, identity)[0, 2] == 0  # padding stays 0
+    scores = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    torch.testing.assert_close(alg.group_advantages(scores, 2, "batch", identity),
+                               alg.group_advantages(scores, 2, "batch"))

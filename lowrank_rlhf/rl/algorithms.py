@@ -17,6 +17,8 @@ experience.py: per-sequence [B], per-token [B, R] with a mask (1 = response toke
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..config import ConfigError, PPOConfig
@@ -54,15 +56,41 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.view(-1, group_size)
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+# A function that sums a tensor over every rank (accelerate's `reduce(t, "sum")`); None = this rank is the batch.
+# Group statistics never need it (a prompt's group stays on one rank); batch statistics do, as TRL gathers them.
+SumAcrossRanks = Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def masked_whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, sum_across_ranks: SumAcrossRanks = None
+                               ) -> torch.Tensor:
+    """masked_whiten over the masked entries of every rank's batch: mean 0, unbiased variance 1, padding 0.
+    Two passes of summed statistics (the ranks' tensors may differ in width, so they are not gathered)."""
+    if sum_across_ranks is None:
+        return masked_whiten(x, mask)
+    mask = mask.to(x.dtype)
+    n = sum_across_ranks(mask.sum())
+    if n < 2:
+        raise ValueError(f"whitening needs at least 2 masked elements over all ranks, got {float(n)}")
+    mean = sum_across_ranks((x * mask).sum()) / n
+    var = sum_across_ranks((((x - mean) * mask) ** 2).sum()) / (n - 1)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale_rewards: str = "group",
+                     sum_across_ranks: SumAcrossRanks = None) -> torch.Tensor:
     """GRPO: each score minus its prompt group's mean, divided by the (unbiased) std of the group, of the whole
-    batch, or by nothing (`scale_rewards` group | batch | none, TRL's). [B] -> [B]."""
+    batch (every rank's), or by nothing (`scale_rewards` group | batch | none, TRL's). [B] -> [B]."""
     grouped = _groups(scores, group_size)
     centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
     if scale_rewards == "group":
         return centred / (grouped.std(dim=1).repeat_interleave(group_size) + STD_EPS)
     if scale_rewards == "batch":
-        return centred / (scores.std() + STD_EPS)
+        if sum_across_ranks is None:
+            return centred / (scores.std() + STD_EPS)
+        n = sum_across_ranks(torch.tensor(float(len(scores)), device=scores.device))
+        mean = sum_across_ranks(scores.sum()) / n
+        std = (sum_across_ranks(((scores - mean) ** 2).sum()) / (n - 1)).sqrt()
+        return centred / (std + STD_EPS)
     if scale_rewards == "none":
         return centred
     raise ValueError(f"unknown scale_rewards {scale_rewards!r}; allowed values: group, batch, none")
@@ -83,24 +111,24 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return rewards.flip(-1).cumsum(-1).flip(-1) * mask
 
 
-def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-                            kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                            sum_across_ranks: SumAcrossRanks = None) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++: rewards -kl_coef * kl on every token plus the score on the last, their returns-to-go, whitened
-    over every token of the batch. Returns (advantages [B, R], non_score_reward [B, R])."""
+    over every token of the batch (every rank's). Returns (advantages [B, R], non_score_reward [B, R])."""
     rewards, non_score = token_rewards(scores, kl, mask, kl_coef)
-    return masked_whiten(returns_to_go(rewards, mask), mask), non_score
+    return masked_whiten_across_ranks(returns_to_go(rewards, mask), mask, sum_across_ranks), non_score
 
 
 def critic_free_advantages(algorithm: str, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-                           group_size: int, kl_coef: float, scale_rewards: str = "group"
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           group_size: int, kl_coef: float, scale_rewards: str = "group",
+                           sum_across_ranks: SumAcrossRanks = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The advantages of a critic-free algorithm, per token: (advantages [B, R], non_score_reward [B, R]).
     non_score_reward is -kl_coef * kl, the KL's price (in grpo it is paid in the loss, not the reward)."""
     if algorithm == "reinforce_pp":
-        return reinforce_pp_advantages(scores, kl, mask, kl_coef)
+        return reinforce_pp_advantages(scores, kl, mask, kl_coef, sum_across_ranks)
     non_score = -kl_coef * kl * mask
     if algorithm == "grpo":
-        sequence = group_advantages(scores, group_size, scale_rewards)
+        sequence = group_advantages(scores, group_size, scale_rewards, sum_across_ranks)
     elif algorithm == "rloo":
         sequence = rloo_advantages(scores + non_score.sum(1), group_size)
     else:
