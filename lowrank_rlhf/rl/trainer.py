@@ -31,13 +31,13 @@ from ..memory import PHASES
 from ..memory.runner import MicroBatchRunner
 from ..models.roles import RoleModel
 from ..signals import STOP_SIGNALS, Interrupted
-from . import algorithms
+from . import algorithms, update
 from . import state as run_state
 from .decoding import StaticDecoder
 from .experience import Experience, Rollout, TrainBatch
 from .health import HeldOutEval, OveroptimizationAlarm, best_metric_name
-from .ppo import (AdaptiveKLController, FixedKLController, RunningMoments, entropy_from_logits, gae, masked_mean,
-                  masked_whiten, policy_loss, token_rewards, value_loss)
+from .optim import build_optimizer
+from .ppo import AdaptiveKLController, FixedKLController, RunningMoments, gae, masked_whiten, token_rewards
 from .reporting import MetricsLog
 from .rollout import sample_rollout, stop_token_ids
 from .sampling import row_keys
@@ -90,7 +90,7 @@ class PPOTrainer:
         groups = [{"params": self.policy_params, "lr": self.ppo.learning_rate}]
         if self.value_params:
             groups.append({"params": self.value_params, "lr": self.ppo.value_learning_rate})
-        self.optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=self.ppo.weight_decay)
+        self.optimizer = build_optimizer(groups, self.ppo)  # ppo.optim: adamw, or bitsandbytes' 8-bit states
         updates = self.ppo.total_steps * self.ppo.num_ppo_epochs * self.ppo.num_mini_batches
         self.scheduler = get_scheduler(self.ppo.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
                                        num_training_steps=updates)
@@ -225,10 +225,11 @@ class PPOTrainer:
         # dapo divides by the tokens of all ranks: the rank mean of the count, since the gradients are rank-averaged
         global_count = not self.critic and self.ppo.loss_type == "dapo" and self.state.num_processes > 1
         loss_tokens = reduce(n_tokens.float(), "mean") if global_count else n_tokens
-        parts = self.runners["train"].run(len(rows), lambda a, b: self.accumulate(TrainBatch.take(exp, rows[a:b]),
-                                                                                   n_tokens, len(rows), loss_tokens))
+        parts = self.runners["train"].run(len(rows), lambda a, b: update.accumulate(
+            self.model, self.ppo, TrainBatch.take(exp, rows[a:b]), self.policy_params, self.value_params,
+            self.kl_ctl.value, n_tokens, len(rows), loss_tokens))
         stats = {k: torch.stack([p[k] for p in parts]).sum() for k in parts[0]}
-        self._average_grads_across_ranks()
+        update.average_grads_across_ranks(self.policy_params + self.value_params, self.state.num_processes)
         # One gradient norm per role serves the finiteness check and the clipping; one host sync decides.
         roles = [(params, torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
                  for params in (self.policy_params, self.value_params) if params]
@@ -255,71 +256,6 @@ class PPOTrainer:
         if self.nan_skips >= self.ppo.max_nan_skips:
             raise NonFiniteError(f"{self.nan_skips} PPO updates in a row had NaN/inf losses or gradients; lower "
                                  f"ppo.learning_rate or check the reward (max_nan_skips={self.ppo.max_nan_skips})")
-
-    def accumulate(self, batch: TrainBatch, n_tokens: torch.Tensor, n_rows: int,
-                   loss_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses of one micro-batch as its share of the minibatch's loss. Gradients come from autograd.grad and are
-        added to .grad only at the end, so an OOM halfway leaves nothing half-accumulated."""
-        model, ppo = self.model, self.ppo
-        weight = batch.response_mask.sum() / n_tokens  # this micro-batch's share of the minibatch's tokens
-        shared = self.critic and model.critic == "shared"
-        out = model.response_logprobs("policy", batch.input_ids, batch.attention_mask, batch.response_start,
-                                      ppo.temperature, with_values=shared, with_logits=True)
-        if self.critic:  # PPO: the clipped surrogate as a token mean (TRL's PPO), this micro-batch's share of it
-            pg_loss, pg_stats = policy_loss(out["logprobs"], batch.old_logprobs, batch.advantages, batch.response_mask,
-                                            ppo.cliprange)
-            pg_loss = pg_loss * weight
-        else:
-            pg_loss, pg_stats = self.critic_free_loss(out["logprobs"], batch, n_rows, loss_tokens)
-        stats = {"policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
-                 "val/ratio": pg_stats["ratio"]}
-        if not self.critic:
-            grads = torch.autograd.grad(pg_loss, self.policy_params)
-        else:
-            if shared:
-                values = out["values"]
-            else:
-                policy_grads = torch.autograd.grad(pg_loss, self.policy_params)
-                # A separate backward per role: with gradient checkpointing, a backward that spans two roles would
-                # recompute the first role's layers under the adapter that is active by then.
-                values = model.token_values(batch.input_ids, batch.attention_mask, batch.response_start)
-            vf_loss, vf_stats = value_loss(values, batch.old_values, batch.returns, batch.response_mask,
-                                           ppo.cliprange_value)
-            if shared:
-                grads = torch.autograd.grad(pg_loss + ppo.vf_coef * vf_loss * weight,
-                                            self.policy_params + self.value_params)
-            else:
-                grads = policy_grads + torch.autograd.grad(ppo.vf_coef * vf_loss * weight, self.value_params)
-            stats.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_stats["clipfrac"]})
-        for param, grad in zip(self.policy_params + self.value_params, grads):
-            param.grad = grad if param.grad is None else param.grad + grad
-        with torch.no_grad():
-            stats["policy/entropy_avg"] = masked_mean(entropy_from_logits(out["logits"]), batch.response_mask)
-        # token-weighted means add up over micro-batches; the loss already is this micro-batch's share
-        return {"loss/policy_avg": pg_loss.detach().float(),
-                **{k: v.detach().float() * weight for k, v in stats.items()}}
-
-    def critic_free_loss(self, logprobs: torch.Tensor, batch: TrainBatch, n_rows: int,
-                         loss_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """GRPO/RLOO/REINFORCE++: the clipped surrogate per token (epsilon, epsilon_high), GRPO's beta * KL added per
-        token, averaged by loss_type as this micro-batch's share of the minibatch loss (algorithms.py)."""
-        ppo = self.ppo
-        high = ppo.epsilon if ppo.epsilon_high is None else ppo.epsilon_high
-        losses, stats = algorithms.clipped_surrogate(logprobs, batch.old_logprobs, batch.advantages,
-                                                     batch.response_mask, ppo.epsilon, high)
-        if algorithms.kl_in_loss(ppo):
-            losses = losses + self.kl_ctl.value * algorithms.reference_kl(logprobs, batch.ref_logprobs,
-                                                                          batch.response_mask)
-        return algorithms.loss_share(losses, batch.response_mask, ppo.loss_type, n_rows, loss_tokens,
-                                     ppo.response_length), stats
-
-    def _average_grads_across_ranks(self) -> None:
-        """Data parallel without wrapping the quantized model in DDP: average the adapters' gradients across
-        ranks, so identical initial adapters + identical updates keep every rank's adapters identical."""
-        if self.state.num_processes == 1:
-            return
-        for param in self.policy_params + self.value_params:
-            param.grad = reduce(param.grad if param.grad is not None else torch.zeros_like(param), "mean")
 
     # ================================================================================== health
     def _evaluation_due(self) -> bool:
