@@ -16,7 +16,8 @@ from lowrank_rlhf.memory.plan import MemoryBudgetError
 from lowrank_rlhf.memory.shapes import LLAMA2_7B, LLAMA2_13B, ModelShape, lora_params
 from lowrank_rlhf.models.builtin import tiny_llama_config
 from lowrank_rlhf.models.loading import load_base
-from lowrank_rlhf.models.random_llama import DECODER_LINEARS, build_random_llama, llama_config, model_weight_bytes
+from lowrank_rlhf.models.random_llama import (DECODER_LINEARS, RANDOM_MODELS, build_random_llama, llama_config,
+                                              model_class, model_weight_bytes, random_config)
 from lowrank_rlhf.models.roles import RoleModel
 from lowrank_rlhf.rl.trainer import PPOTrainer
 
@@ -330,6 +331,74 @@ def test_random_llama2_config_round_trips_the_planner_shape():
     config = llama_config("llama2-13b")
     assert (config.vocab_size, config.rms_norm_eps, config.max_position_embeddings, config.tie_word_embeddings) == (
         32000, 1e-5, 4096, False)
+
+
+def test_every_short_name_of_the_planners_table_is_a_random_model_with_its_shape_and_count():
+    """The bench builds what the planner knows, by the same names: the config reads back as the planner's shape, and
+    the model built on the meta device has exactly the planner's parameter count (Qwen3: plus its q/k norms, which
+    the planner leaves out)."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen3ForCausalLM
+
+    from lowrank_rlhf.memory.shapes import KNOWN_SHAPES
+
+    assert set(RANDOM_MODELS) == {n for n in KNOWN_SHAPES if "/" not in n} >= {
+        "llama2-7b", "llama2-13b", "llama-33b", "llama-65b", "llama2-70b", "llama3.1-8b", "qwen3-8b"}
+    help_text = bench.add_arguments(argparse.ArgumentParser()).format_help().replace("\n", " ")
+    for name in RANDOM_MODELS:
+        shape, config = KNOWN_SHAPES[name], random_config(name)
+        assert ModelShape.from_hf_config(config) == shape, name
+        with init_empty_weights():
+            model = model_class(config)(config)
+        qk_norms = 2 * shape.head_dim * shape.num_layers if name.startswith("qwen3") else 0
+        assert sum(p.numel() for p in model.parameters()) == shape.num_params + qk_norms, name
+        assert isinstance(model, Qwen3ForCausalLM) == name.startswith("qwen3"), name
+        assert name in " ".join(help_text.split()), name
+    assert random_config("llama3.1-8b").rope_parameters["rope_type"] == "llama3"
+    with pytest.raises(ValueError, match="allowed: llama2-7b"):
+        random_config("llama-7000b")
+
+
+def scaled_down(name: str):
+    """`name`'s config with tiny sizes (2 layers, hidden 64, vocab 300), keeping its family, GQA and norms."""
+    config = random_config(name)
+    fields = config.to_dict()
+    gqa = config.num_key_value_heads < config.num_attention_heads
+    fields.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2 if gqa else 4, head_dim=16, vocab_size=300)
+    fields.pop("layer_types", None)  # Qwen3's per-layer list: rebuilt for 2 layers
+    return type(config)(**fields)
+
+
+@pytest.mark.parametrize("name", RANDOM_MODELS)
+def test_scaled_down_published_shapes_build_in_4bit_on_cpu(name):
+    config = scaled_down(name)
+    base, tok = build_random_llama(config, "4bit", device="cpu", dtype=torch.float32, seed=0)
+    assert type(base) is model_class(config) and len(tok) == 300
+    for layer in base.model.layers:
+        for parent, linear in DECODER_LINEARS:
+            assert isinstance(getattr(getattr(layer, parent), linear), bnb.nn.Linear4bit)
+        if name.startswith("qwen3"):  # the per-head RMSNorms are built too, as ones like every norm
+            assert torch.equal(layer.self_attn.q_norm.weight, torch.ones(16))
+            assert torch.equal(layer.self_attn.k_norm.weight, torch.ones(16))
+    assert model_weight_bytes(base) == pytest.approx(weight_bytes(ModelShape.from_hf_config(config), "4bit", 4),
+                                                     rel=0.1)
+    logits = base(input_ids=torch.tensor(prompts_for(300, n=2))).logits
+    assert logits.shape == (2, 6, 300) and torch.isfinite(logits).all()
+
+
+def test_scaled_down_qwen3_trains_a_grpo_step_through_peft(tmp_path):
+    base, tok = build_random_llama(scaled_down("qwen3-8b"), "4bit", device="cpu", dtype=torch.float32, seed=0)
+    cfg = tiny_recipe(tmp_path, "ppo.algorithm=grpo", "ppo.num_generations=2")
+    model = RoleModel(base, tok, cfg.lora, roles=("policy",), trainable=("policy",), quantization="4bit")
+    assert isinstance(model.causal_lm.model.layers[0].self_attn.k_proj, LoraLinear4bit)
+    scores = iter([torch.tensor([0.0, 1.0, 1.0, 0.0])])
+    trainer = PPOTrainer(model, cfg, prompts_for(300), lambda rollout, runner: next(scores), show_progress=False,
+                         force_response_length=True)
+    before = [p.detach().clone() for p in trainer.policy_params]
+    metrics = trainer.train_step()
+    assert metrics["objective/kl"] == 0.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.policy_params))
 
 
 def test_random_4bit_llama_is_wrapped_by_peft_and_trains(tmp_path):

@@ -1,8 +1,9 @@
 """`lowrank-rlhf bench`: memory and speed of RL on one base: PPO against the four-model layout, and GRPO against
 TRL's own GRPOTrainer (`--algorithm grpo --layouts ours,trl-grpo`).
 
-The same command measures a CPU run with tiny-llama or SmolLM2 and a GPU run with LLaMA-2-7B/13B; every size is a
-flag (args.py). LLaMA-2 shapes are built with random weights directly in 4-bit on the GPU (models/random_llama.py):
+The same command measures a CPU run with tiny-llama or SmolLM2 and a GPU run with a published shape (LLaMA-1/2
+7B-70B, Llama-3.1-8B, Qwen3-8B: the short names of memory/shapes.py's table); every size is a flag (args.py). Those
+shapes are built with random weights directly in 4-bit on the GPU (models/random_llama.py):
 memory and speed do not depend on the weights' values.
 
 Workload (workload.py): `--batch` prompts of exactly `--prompt-len` random token ids, responses of exactly

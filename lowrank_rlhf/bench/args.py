@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..memory import PHASES
+from ..models.random_llama import RANDOM_MODELS
 
 LAYOUTS = ("ours", "four-model", "ours-matched", "trl-grpo")
 # the layouts that are PPO's (a critic and a reward model); the critic-free algorithms run ours and trl-grpo
@@ -18,9 +19,9 @@ RANDOM_TINY = "random-tiny"
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The bench flags (cli.py wires them to `lowrank-rlhf bench`)."""
     parser.add_argument("--model", default=None,
-                        help="llama2-7b | llama2-13b (published shapes, random weights, built in place) | "
-                             f"{RANDOM_TINY} | tiny-llama | smollm2-135m | a local path or hub id; "
-                             "default: llama2-7b on CUDA, tiny-llama on CPU")
+                        help=f"{' | '.join(RANDOM_MODELS)} (published shapes from the planner's table, random "
+                             f"weights, built in place) | {RANDOM_TINY} | tiny-llama | smollm2-135m | a local path or "
+                             "hub id; default: llama2-7b on CUDA, tiny-llama on CPU")
     parser.add_argument("--quantization", default="4bit", choices=("4bit", "8bit", "none"),
                         help="how each base is stored (default 4bit, NF4 with bf16 compute on GPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda if available")

@@ -17,7 +17,7 @@ from ..memory.plan import resolve_budget
 from ..memory.shapes import ModelShape
 from ..models.builtin import tiny_llama_config
 from ..models.loading import compute_dtype, load_base, resolve_device, resolve_model_path
-from ..models.random_llama import RANDOM_MODELS, build_random_llama, llama_config
+from ..models.random_llama import RANDOM_MODELS, build_random_llama, random_config
 from ..rl.algorithms import has_critic
 from .args import RANDOM_TINY, parse_layouts, parse_micro_batch, resolve_defaults
 
@@ -67,7 +67,7 @@ class Workload:
         return AutoConfig.from_pretrained(resolve_model_path(self.model_name))
 
     def _random_config(self):
-        return tiny_llama_config(RANDOM_TINY_VOCAB) if self.model_name == RANDOM_TINY else llama_config(self.model_name)
+        return tiny_llama_config(RANDOM_TINY_VOCAB) if self.model_name == RANDOM_TINY else random_config(self.model_name)
 
     def load_base(self, index: int = 0):
         """A fresh base: random weights built in place, or loaded from a checkpoint."""

@@ -1,4 +1,5 @@
-"""LLaMA-2-7B/13B with random weights, built directly in 4-bit (or 8-bit, or bf16) one layer at a time.
+"""Published decoder shapes with random weights (LLaMA-2 7B/13B/70B, LLaMA-1 33B/65B, Llama-3.1-8B, Qwen3-8B), built
+directly in 4-bit (or 8-bit, or bf16) one layer at a time.
 
 Memory and speed do not depend on the weights' values, so a benchmark can use the exact published architectures
 without a download and without ever holding the 13 GB (7B) / 26 GB (13B) bf16 checkpoint: the skeleton is created on
@@ -8,7 +9,11 @@ quantized at once and freed, so at most one linear's bf16 weight (11008 x 4096 f
 The result looks to transformers and PEFT exactly like a model loaded with `from_pretrained(quantization_config=
 BitsAndBytesConfig(...))`: bitsandbytes `Linear4bit` layers (NF4, double quantization, bf16 compute on GPU), the
 quantization config on `model.config`, an `hf_quantizer` and `is_loaded_in_4bit`, so `RoleModel` wraps the layers
-with PEFT's 4-bit LoRA layer. A tiny `LlamaConfig` works the same way on CPU (tests).
+with PEFT's 4-bit LoRA layer. A tiny `LlamaConfig` (or `Qwen3Config`) works the same way on CPU (tests).
+
+The names are the short names of memory/shapes.py's KNOWN_SHAPES (those without a hub organisation), so a shape the
+planner knows is a shape the bench can build. Qwen3 is built as transformers' Qwen3ForCausalLM (LLaMA's layout plus
+an RMSNorm on every query and key head), the others as LlamaForCausalLM.
 """
 
 from __future__ import annotations
@@ -18,36 +23,64 @@ import time
 
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedConfig,
+                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
 from ..memory.shapes import KNOWN_SHAPES
 from .loading import keep_one_cpu_4bit_path, quantization_config
 
 log = logging.getLogger(__name__)
 
-# The published configs of meta-llama/Llama-2-7b-hf and meta-llama/Llama-2-13b-hf (config.json): the shapes come from
-# memory/shapes.py (the one place for model shapes), the fields below are the rest of config.json.
-# They set no pad token; the tokenizer below pads with id 0 (<unk>), as LLaMA-2 fine-tuning recipes do.
-RANDOM_MODELS = ("llama2-7b", "llama2-13b")
-_LLAMA2_COMMON = dict(max_position_embeddings=4096, hidden_act="silu", rms_norm_eps=1e-5,
-                      initializer_range=0.02, bos_token_id=1, eos_token_id=2, pretraining_tp=1, rope_theta=10000.0,
-                      use_cache=True, attention_bias=False, mlp_bias=False)
+# Every short name of memory/shapes.py's table (the one place for model shapes) can be built.
+RANDOM_MODELS = tuple(name for name in KNOWN_SHAPES if "/" not in name)
+
+# The rest of each family's published config.json, by name prefix (the shapes come from memory/shapes.py). Token ids
+# are the random tokenizer's (<unk>=pad 0, <s> 1, </s> 2) for every family: the bench feeds random ids and forces the
+# response length, so the real ids would only disagree with the tokenizer.
+_COMMON = dict(hidden_act="silu", initializer_range=0.02, bos_token_id=1, eos_token_id=2, use_cache=True,
+               attention_bias=False)
+_FAMILIES = (  # (name prefix, config class, fields), first match wins
+    ("llama2-", LlamaConfig, dict(max_position_embeddings=4096, rms_norm_eps=1e-5, pretraining_tp=1,
+                                  rope_theta=10000.0, mlp_bias=False)),           # meta-llama/Llama-2-*-hf
+    ("llama3.1-", LlamaConfig, dict(max_position_embeddings=131072, rms_norm_eps=1e-5, mlp_bias=False,
+                                    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                         low_freq_factor=1.0, high_freq_factor=4.0,
+                                                         original_max_position_embeddings=8192))),  # Llama-3.1-8B
+    ("llama-", LlamaConfig, dict(max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+                                 mlp_bias=False)),                                # huggyllama/llama-30b, -65b
+    ("qwen3-", Qwen3Config, dict(max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                                 use_sliding_window=False)),                      # Qwen/Qwen3-8B
+)
+_MODEL_CLASSES = {LlamaConfig: LlamaForCausalLM, Qwen3Config: Qwen3ForCausalLM}
 
 # The seven linears of a LLaMA decoder layer, as (submodule, attribute): the ones quantization and LoRA touch.
 DECODER_LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                    ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
-def llama_config(shape_or_name: str | LlamaConfig) -> LlamaConfig:
-    """'llama2-7b' / 'llama2-13b' -> the published LlamaConfig; a LlamaConfig is returned as is."""
-    if isinstance(shape_or_name, LlamaConfig):
+def random_config(shape_or_name: str | PreTrainedConfig) -> PreTrainedConfig:
+    """A name of RANDOM_MODELS -> its published config (LlamaConfig or Qwen3Config); a config is returned as is."""
+    if isinstance(shape_or_name, PreTrainedConfig):
         return shape_or_name
     if shape_or_name not in RANDOM_MODELS:
         raise ValueError(f"unknown random model {shape_or_name!r}; allowed: {', '.join(RANDOM_MODELS)} or a "
-                         f"LlamaConfig")
-    config = LlamaConfig(**KNOWN_SHAPES[shape_or_name].hf_config_fields(), **_LLAMA2_COMMON)
+                         f"LlamaConfig / Qwen3Config")
+    config_class, fields = next((cls, fields) for prefix, cls, fields in _FAMILIES if shape_or_name.startswith(prefix))
+    config = config_class(**KNOWN_SHAPES[shape_or_name].hf_config_fields(), **_COMMON, **fields)
     config.name_or_path = f"random-{shape_or_name}"
     return config
+
+
+llama_config = random_config  # the name from when every random model was a LLaMA-2
+
+
+def model_class(config: PreTrainedConfig) -> type:
+    """The transformers model class that builds `config` (Qwen3ForCausalLM for a Qwen3Config)."""
+    for config_class, cls in _MODEL_CLASSES.items():
+        if type(config) is config_class:
+            return cls
+    raise ValueError(f"no random builder for {type(config).__name__}; allowed: "
+                     f"{', '.join(c.__name__ for c in _MODEL_CLASSES)}")
 
 
 def random_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -114,8 +147,14 @@ def _mark_quantized(model: LlamaForCausalLM, quantization: str, compute_dtype: t
     quantizer.postprocess_model(model)
 
 
+def _norms(layer: nn.Module) -> list[nn.Module]:
+    """The layer's RMSNorms (a module holding only a 1-d `weight`), found by what they hold, not by name."""
+    return [m for m in layer.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 1 and not list(m.children())]
+
+
 @torch.no_grad()
-def build_random_llama(shape_or_name: str | LlamaConfig = "llama2-7b", quantization: str = "4bit",
+def build_random_llama(shape_or_name: str | PreTrainedConfig = "llama2-7b", quantization: str = "4bit",
                        device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """A randomly initialised LLaMA (std `initializer_range`, 0.02 for LLaMA-2) built layer by layer on `device`;
     returns (model, tokenizer) like `models.load_base`: frozen, eval mode, KV cache on.
@@ -124,14 +163,14 @@ def build_random_llama(shape_or_name: str | LlamaConfig = "llama2-7b", quantizat
     float32 default is a silent slow path), float32 on CPU as `load_base` does."""
     from accelerate import init_empty_weights
 
-    config = llama_config(shape_or_name)
+    config = random_config(shape_or_name)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     started = time.perf_counter()
     config.dtype = dtype
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
-        model = LlamaForCausalLM(config)
+        model = model_class(config)(config)
     generator = torch.Generator(device=device).manual_seed(seed)
     std = config.initializer_range
 
@@ -144,8 +183,8 @@ def build_random_llama(shape_or_name: str | LlamaConfig = "llama2-7b", quantizat
             weight = _normal((meta.out_features, meta.in_features), std, dtype, device, generator)
             setattr(parent, name, _quantized_linear(weight, quantization, dtype, device))
             del weight  # one bf16 linear alive at a time
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight = nn.Parameter(torch.ones(config.hidden_size, dtype=dtype, device=device),
+        for norm in _norms(layer):  # input, post-attention, and Qwen3's per-head q_norm / k_norm
+            norm.weight = nn.Parameter(torch.ones(norm.weight.shape, dtype=dtype, device=device),
                                        requires_grad=False)
     model.model.norm.weight = nn.Parameter(torch.ones(config.hidden_size, dtype=dtype, device=device),
                                            requires_grad=False)
