@@ -572,3 +572,24 @@ def test_lora_tensor_sizes_sum_to_the_adapter():
     sizes = lora_tensor_sizes(TINY, 4, "all-linear")
     assert len(sizes) == 2 * 7 * 2 and sum(sizes) == lora_params(TINY, 4, "all-linear")
     assert sizes[:2] == [4 * 16, 4 * 16]  # q_proj: lora_A r x h, lora_B q x r
+
+
+# ----------------------------------------------------------------------------- the floor table of docs/memory.md
+
+
+def test_committed_floor_table_is_current(tmp_path):
+    """docs/memory.md's floor table is the planner's: regenerate it and compare; a stale copy is rewritten."""
+    from lowrank_rlhf.memory.floor_table import BEGIN, DOC, END, main, render, update
+
+    block = render()
+    assert DOC.read_text().count(block) == 1, "stale: run python -m lowrank_rlhf.memory.floor_table"
+    # the 7B row: its baseline floor is static_floor's, and every lever lowers it
+    row = next(line for line in block.splitlines() if line.startswith("| LLaMA-2-7B |"))
+    cells = [float(c) for c in row.strip("|").split("|")[1:]]
+    assert cells[1] == round(static_floor(LLAMA2_7B, "4bit", ADAPTERS)["total"] / GiB, 2)
+    assert all(c < cells[1] for c in cells[2:]) and cells[-1] == min(cells[2:])
+    stale = tmp_path / "memory.md"
+    stale.write_text(f"intro\n{BEGIN}\n| old |\n{END}\noutro\n")
+    assert main(["--path", str(stale), "--check"]) == 1 and "| old |" in stale.read_text()
+    assert main(["--path", str(stale)]) == 0 and update(stale, check=True)
+    assert stale.read_text() == f"intro\n{block}\noutro\n"
