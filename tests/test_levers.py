@@ -1,15 +1,18 @@
 """Issue 16's memory levers at run time, on tiny-llama in 4-bit and 8-bit: ppo.optim (bitsandbytes' 8-bit AdamW),
 lora.frozen_dtype=compute (frozen adapters in bf16) and ppo.logits_chunk_tokens (logits a chunk of tokens at a time)."""
 
+import sys
+
 import bitsandbytes as bnb
 import pytest
 import torch
 
 from conftest import make_batch
-from lowrank_rlhf.config import LoraConfig, ModelConfig
+from lowrank_rlhf.config import ConfigError, LoraConfig, ModelConfig, PPOConfig
 from lowrank_rlhf.models.frozen_dtype import UpcastLinear
 from lowrank_rlhf.models.loading import load_base
 from lowrank_rlhf.models.roles import REFERENCE, RoleModel
+from lowrank_rlhf.rl.optim import build_optimizer
 from lowrank_rlhf.rl.trainer import PPOTrainer
 from test_roles import randomize
 from test_trainer import adapter_weights, assert_same, letter_share, make_trainer, recipe
@@ -51,6 +54,15 @@ def test_8bit_optimizer_steps_differ_from_fp32_adamw(tmp_path):
     fp32.train_step(), eight.train_step()
     a, b = adapter_weights(fp32), adapter_weights(eight)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_8bit_optimizer_without_bitsandbytes_is_a_config_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    ppo = PPOConfig(optim="adamw_8bit")
+    with pytest.raises(ConfigError, match=r"ppo.optim=adamw_8bit needs bitsandbytes.*allowed: adamw, adamw_8bit"):
+        build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}], ppo)
+    assert isinstance(build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}],
+                                      PPOConfig(optim="adamw")), torch.optim.AdamW)
 
 
 # ------------------------------------------------------------------------------------------ ppo.logits_chunk_tokens

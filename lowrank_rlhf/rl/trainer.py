@@ -6,7 +6,8 @@ differ only in their advantages and how the update averages its token losses (al
 One quantized base plays every role through its adapters (models/roles.py). Every phase runs in micro-batches
 chosen by the memory planner; an out-of-memory error halves that phase's micro-batch and redoes the same rows, and
 because sampling is keyed per row (sampling.py) and losses are token-weighted sums, the result never depends on
-the micro-batch size. Config and metric names follow TRL's PPOTrainer so its users feel at home.
+the micro-batch size. Config and metric names follow TRL's PPOTrainer so its users feel at home. A micro-batch's
+losses and gradients are in update.py, the optimizer choice (ppo.optim) in optim.py.
 """
 
 from __future__ import annotations
