@@ -81,9 +81,9 @@ def test_quickstart_smoke_only_shrinks_the_run(tmp_path):
 
 
 def test_gpu_recipes_name_public_datasets_by_hub_id():
-    for name in ("llama2-7b-rtx3090.yaml", "llama2-13b-rtx4090.yaml", "llama-7b-colab-t4.yaml", "llama-33b-rtx3090.yaml",
-                 "llama2-7b-6gb.yaml", "llama2-13b-10gb.yaml", "llama3-8b-rtx4090.yaml", "qwen3-8b-colab-t4.yaml",
-                 *GRPO_RECIPES):
+    for name in ("llama2-7b-rtx3090.yaml", "llama2-13b-rtx4090.yaml", "llama-7b-colab-t4.yaml",
+                 "llama-33b-rtx3090.yaml", "llama2-7b-6gb.yaml", "llama2-13b-10gb.yaml", "llama3-8b-rtx4090.yaml",
+                 "qwen3-8b-colab-t4.yaml", *GRPO_RECIPES):
         data = yaml.safe_load((RECIPES / name).read_text())["data"]
         assert all("/" in data[k] and not Path(data[k]).exists() for k in ("sft", "preferences", "prompts"))
 
