@@ -201,7 +201,7 @@ def test_grpo_against_trls_grpo_trainer_each_layout_in_its_own_process(tmp_path)
     for layout in (ours, trl):
         assert layout["status"] == "ok", layout["error"]
         assert [s["warmup"] for s in layout["steps"]] == [True, False]
-        assert layout["peak_rss_scope"] == "layout's own process" and layout["peak_rss_bytes"] > 0
+        assert layout["peak_rss_scope"] == "the layout's own process" and layout["peak_rss_bytes"] > 0
         assert layout["step_time_median_s"] > 0 and layout["response_length"] == 4.0
     assert ours["plan"]["planned_for"] == "ours"
     # TRL samples as we do (no top-k/top-p, temperature 1, every completion forced to full length), one optimizer

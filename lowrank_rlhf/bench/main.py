@@ -103,7 +103,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         except ValueError as err:  # MemoryBudgetError: the three bases alone exceed the budget
             four_plan_error = str(err)
     if len(work.layouts) == 1 or getattr(args, "_layout_process", False):
-        work.rss_scope = "layout's own process"
+        work.rss_scope = "the layout's own process"
     with tempfile.TemporaryDirectory(prefix="lowrank_rlhf_bench_") as tmp:
         run_root = Path(args.run_dir) if args.run_dir else Path(tmp)
         for layout in work.layouts:

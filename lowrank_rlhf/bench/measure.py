@@ -39,7 +39,8 @@ LAYOUT_KEYS = (
     "layout", "status", "error", "plan", "build_s", "weight_bytes", "decode_weight_bytes", "allocated_at_start_bytes",
     "static_allocated_bytes", "build_peak_allocated_bytes", "compute_dtypes", "gradient_checkpointing",
     "micro_batches", "micro_batches_measured", "peak_bytes", "predicted_peak_bytes", "measured_over_predicted",
-    "time_s", "step_time_s", "step_time_median_s", "peak_rss_bytes", "peak_rss_scope", "generate_tokens_per_s", "score_tokens_per_s", "train_tokens_per_s", "generate_passes",
+    "time_s", "step_time_s", "step_time_median_s", "peak_rss_bytes", "peak_rss_scope", "generate_tokens_per_s",
+    "score_tokens_per_s", "train_tokens_per_s", "generate_passes",
     "decode_ms_per_step", "decode_ms_per_step_per_pass", "weight_read_floor_ms", "decode_over_floor", "oom_events",
     "generation", "final_kl", "final_score", "response_length", "steps")
 
@@ -221,7 +222,8 @@ def summarise(work: Workload, layout: str, result: dict) -> None:
                      for k in ("allocated", "reserved")}
     micro = measured[-1]["micro_batches"]
     only_first_step = args.warmup == 0 and args.steps == 1  # its generate/score precede any optimizer state
-    predicted = predicted_peaks(work.cfg, work.shape, model_layout(layout, work.critic), micro, result["gradient_checkpointing"],
+    predicted = predicted_peaks(work.cfg, work.shape, model_layout(layout, work.critic), micro,
+                                result["gradient_checkpointing"],
                                 before_first_update=only_first_step)
     predicted["step"] = max(predicted.values())
     rows = work.rows

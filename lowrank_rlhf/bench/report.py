@@ -30,7 +30,8 @@ def _figures(result: dict) -> dict:
     step = peak.get("step", {})
     return {"peak_allocated": step.get("allocated"), "peak_reserved": step.get("reserved"),
             "step_time_s": result.get("step_time_s"), "step_time_median_s": result.get("step_time_median_s"),
-            "peak_rss_bytes": result.get("peak_rss_bytes"), "generate_tokens_per_s": result.get("generate_tokens_per_s"),
+            "peak_rss_bytes": result.get("peak_rss_bytes"),
+            "generate_tokens_per_s": result.get("generate_tokens_per_s"),
             "train_tokens_per_s": result.get("train_tokens_per_s"),
             "decode_ms_per_step": result.get("decode_ms_per_step"),
             **{f"peak_allocated_{p}": (peak.get(p) or {}).get("allocated") for p in PHASES}}
@@ -104,7 +105,8 @@ def markdown(report: dict) -> str:
     layouts = [r for r in report["layouts"].values()]
     dev, model, w = report["device"], report["model"], report["workload"]
     lines = [f"# lowrank-rlhf bench: {model['name']} ({model['quantization']}) on {dev['name']}", "",
-             f"{report['date']} - {_algorithm(report)}, batch {w['batch']}, prompt {w['prompt_len']}, response {w['response_len']} "
+             f"{report['date']} - {_algorithm(report)}, batch {w['batch']}, prompt {w['prompt_len']}, "
+             f"response {w['response_len']} "
              f"(forced), {w['measured_steps']} measured steps after {w['warmup_steps']} warm-up, "
              f"{w['ppo_epochs']} PPO epochs, LoRA r={w['lora_r']}, budget {_gib(report['budget_bytes'])}; "
              f"torch {report['versions']['torch']}, bitsandbytes {report['versions']['bitsandbytes']}", ""]
@@ -144,7 +146,8 @@ def markdown(report: dict) -> str:
         lambda r: f"{_num(r['weight_read_floor_ms'])} [{_num(r['decode_over_floor'])}]")
     row("OOM events", lambda r: str(len(r["oom_events"])))
     scopes = sorted({r["peak_rss_scope"] for r in layouts if r.get("peak_rss_scope")})
-    lines.append(f"\nPeak RSS: the peak resident memory of {' / '.join(scopes) or '-'}. Peaks are per phase (the counter is reset at each phase's start), maximum over the measured "
+    lines.append(f"\nPeak RSS: the peak resident memory of {' / '.join(scopes) or '-'}. Peaks are per phase (the "
+                 "counter is reset at each phase's start), maximum over the measured "
                  "steps; reserved includes the allocator's cache carried over from earlier phases. Decode ms/step = "
                  "generate time / response length; per pass = divided by the number of generate micro-batches.")
     for r in layouts:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -110,8 +109,9 @@ def run_trl_grpo(work: Workload, result: dict, run_root: Path) -> None:
     base, tokenizer = work.load_base(0)
     result["weight_bytes"] = result["decode_weight_bytes"] = model_weight_bytes(base)
     clock = step_clock(device)
-    out_dir = tempfile.mkdtemp(prefix="trl-grpo-", dir=run_root) if run_root.is_dir() else tempfile.mkdtemp()
-    trainer = GRPOTrainer(model=base, reward_funcs=work.reward_function(), args=grpo_config(work, out_dir),
+    out_dir = run_root / "trl-grpo"  # TRL's output_dir; with save_strategy "no" it stays (nearly) empty
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = GRPOTrainer(model=base, reward_funcs=work.reward_function(), args=grpo_config(work, str(out_dir)),
                           train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
                           peft_config=peft_lora_config(work.cfg.lora), callbacks=[clock])
     if cuda:

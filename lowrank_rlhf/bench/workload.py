@@ -57,7 +57,7 @@ class Workload:
         self._texts: list[str] | None = None
         self._tokenizer = None
         # what a layout's peak_rss_bytes covers: the whole process so far, unless the layout ran in its own process
-        self.rss_scope = "process (includes earlier layouts)"
+        self.rss_scope = "the whole process (includes the layouts before it)"
 
     def _hf_config(self):
         if self.random:
@@ -67,7 +67,9 @@ class Workload:
         return AutoConfig.from_pretrained(resolve_model_path(self.model_name))
 
     def _random_config(self):
-        return tiny_llama_config(RANDOM_TINY_VOCAB) if self.model_name == RANDOM_TINY else random_config(self.model_name)
+        if self.model_name == RANDOM_TINY:
+            return tiny_llama_config(RANDOM_TINY_VOCAB)
+        return random_config(self.model_name)
 
     def load_base(self, index: int = 0):
         """A fresh base: random weights built in place, or loaded from a checkpoint."""
