@@ -1,5 +1,6 @@
 """`lowrank-rlhf eval RUN`: greedy answers of the base, RUN/sft and RUN/policy on a held-out set, scored by reward
-functions, printed as a table and written to RUN/eval-<task>.json.
+functions, printed as a table and written to RUN/eval-<task>.json. For clickbait each model also answers the seed
+article's few-shot prompt (raw text), the test on which only LLaMA-33B kept the yes/no format.
 
 Answers come through the rollout's own greedy path (quickstart.evaluate's approach: same stop tokens, none of the
 model's generation settings) on the base the run trained on (an adapter belongs to its quantized base, DESIGN 3b).
@@ -30,6 +31,19 @@ TASKS = {
 }
 MARKER = "lowrank_rlhf eval"  # in every file we write: a file without it is someone else's and is never replaced
 
+# The seed article's few-shot clickbait prompt (Enryu, "Mini-post: first look at LLaMA", 2023), its words and four
+# examples verbatim; the line breaks are ours (the copy we could read had lost them). A raw-text prompt, no chat
+# template: the model continues after "Clickbait:", and only the first line of its answer counts.
+FEW_SHOT_CLICKBAIT = (
+    "I will tell whether the following news titles are clickbait:\n"
+    "1) The WORST care homes in England: Interactive map reveals the lowest-rated 2,530 residences - so is there "
+    "one near you?\nClickbait: yes\n"
+    "2) Netflix's top 10 most-watched movies of all time\nClickbait: yes\n"
+    "3) Peering Through the Fog of Inflation\nClickbait: no\n"
+    "4) You\u2019ll never believe which TV cook this cheeky chap grew up to be\nClickbait: yes\n"
+    "5) {headline}\nClickbait:")
+HEADLINE = "Headline: "  # the bundled chat question ends with it (data/clickbait.py)
+
 
 def resolve_task(task: str | None, held_out: str | None, functions: list[str] | None) -> tuple[str, list[str], int]:
     if task is None and not (held_out and functions):
@@ -49,6 +63,22 @@ def greedy_answers(model: RoleModel, role: str, prompts: list[list[int]], max_ne
                              max_new_tokens, 1.0, stops, role=role)
     kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
     return tok.batch_decode(kept, skip_special_tokens=True)
+
+
+def few_shot_clickbait_prompts(chat_prompts: list) -> list[str]:
+    """The article's few-shot prompt for each bundled clickbait question (its headline after "Headline: ")."""
+    headlines = []
+    for i, prompt in enumerate(chat_prompts):
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        if HEADLINE not in text:
+            raise ConfigError(f"eval --task clickbait: held-out row {i} has no '{HEADLINE.strip()}' line to put "
+                              f"into the few-shot prompt")
+        headlines.append(text.rsplit(HEADLINE, 1)[1].strip())
+    return [FEW_SHOT_CLICKBAIT.format(headline=h) for h in headlines]
+
+
+def first_line(answer: str) -> str:
+    return answer.strip().split("\n", 1)[0] if answer.strip() else ""
 
 
 def score_answers(functions: dict, texts: list[str], answers: list[str], columns: dict) -> dict[str, float]:
@@ -87,12 +117,18 @@ def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = 
     prompts = data.encode_prompts(table, model.tokenizer, cfg.data.max_prompt_length, "truncate")
     columns = {c: table[c] for c in table.column_names if c != "prompt"}
     wanted = {"base": BASE, "sft": "sft", "policy": "policy"}
+    few_shot_texts = few_shot_clickbait_prompts(list(table["prompt"])) if task == "clickbait" and not held_out else []
+    few_shot = data.tokenize_prompts(few_shot_texts, model.tokenizer, cfg.model.max_length, "truncate",
+                                     add_special_tokens=True) if few_shot_texts else None
     results = {}
     for label, role in wanted.items():
         if role != BASE and not (run_dir / role / "adapter_config.json").is_file():
             continue
         answers = greedy_answers(model, role, prompts, max_new_tokens or tokens)
         results[label] = {"scores": score_answers(loaded, texts, answers, columns), "answers": answers}
+        if few_shot:  # the article's form: raw text, the first line of the continuation
+            raw = [first_line(a) for a in greedy_answers(model, role, few_shot, max_new_tokens or tokens)]
+            results[f"{label} (few-shot)"] = {"scores": score_answers(loaded, few_shot_texts, raw, columns), "answers": raw}
     report = {"written_by": MARKER, "run": str(run_dir), "held_out": source, "rows": len(texts),
               "functions": specs, "seconds": round(time.perf_counter() - started, 1),
               "results": results, "prompts": texts}

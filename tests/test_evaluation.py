@@ -35,3 +35,27 @@ def test_eval_scores_base_and_sft_and_never_replaces_foreign_files(tmp_path, cap
     (run / "eval-clickbait.json").write_text('{"mine": 1}')
     assert main(["eval", str(run), "--task", "clickbait", "--max-samples", "2"]) == 2
     assert (run / "eval-clickbait.json").read_text() == '{"mine": 1}'
+
+
+def test_clickbait_eval_adds_the_articles_few_shot_prompt(tmp_path):
+    from lowrank_rlhf.evaluation import FEW_SHOT_CLICKBAIT, few_shot_clickbait_prompts, first_line
+
+    chat = [[{"role": "user", "content": "Is this headline clickbait? Answer yes or no.\nHeadline: Cats Rule"}]]
+    [prompt] = few_shot_clickbait_prompts(chat)
+    assert prompt.startswith("I will tell whether the following news titles are clickbait:\n1) The WORST care homes")
+    assert prompt.endswith("4) You\u2019ll never believe which TV cook this cheeky chap grew up to be\nClickbait: yes\n"
+                           "5) Cats Rule\nClickbait:")
+    assert prompt.count("Clickbait:") == 5 and FEW_SHOT_CLICKBAIT.count("{headline}") == 1
+    assert first_line(" yes\n6) Next title") == "yes" and first_line("  ") == ""
+    with pytest.raises(ConfigError, match="no 'Headline:' line"):
+        few_shot_clickbait_prompts([[{"role": "user", "content": "Is the sky blue?"}]])
+
+    run = tmp_path / "run"
+    cfg = load_recipe(recipe_path("tiny-cpu.yaml"), ["sft.max_steps=1", "data.max_samples=4", f"run_dir={run}"])
+    run_stages(cfg, ["sft"], run)
+    assert main(["eval", str(run), "--task", "clickbait", "--max-samples", "2"]) == 0
+    report = json.loads((run / "eval-clickbait.json").read_text())
+    assert set(report["results"]) == {"base", "base (few-shot)", "sft", "sft (few-shot)"}
+    few = report["results"]["base (few-shot)"]
+    assert len(few["answers"]) == 2 and all("\n" not in a for a in few["answers"])
+    assert set(few["scores"]) == {"clickbait_accuracy", "exact_yes_no"}
