@@ -73,10 +73,6 @@ def _logits_lever(chunk: int) -> Lever:
                  release=lambda r: replace(r, logits_chunk_tokens=0))
 
 
-def req_floor(req) -> int:
-    return req.floor()
-
-
 def _gib(n: int) -> str:
     return format_bytes(n, "GiB" if n >= 1024**3 else None)
 
@@ -91,13 +87,13 @@ def below_floor_message(req, budget: int, floor: int) -> str:
         return f"{head}; use a smaller LoRA rank or fewer targets, or a larger budget"
     options = []
     for lever in unused:
-        lowered = req_floor(lever.pull(req))
+        lowered = lever.pull(req).floor()
         options.append(f"{lever.key} -> floor {_gib(lowered)}{' (under the budget)' if lowered <= budget else ''}")
     if len(unused) > 1:
         everything = req
         for lever in unused:
             everything = lever.pull(everything)
-        lowered = req_floor(everything)
+        lowered = everything.floor()
         options.append(f"all of these -> floor {_gib(lowered)}{' (under the budget)' if lowered <= budget else ''}")
     return f"{head}; levers: {', '.join(options)}; else a smaller LoRA rank or fewer targets, or a larger budget"
 
@@ -110,7 +106,7 @@ def levers_on(req, memory_plan) -> list[str]:
         if lever.is_on(req):
             setting = lever.key if lever.key != "ppo.optim=adamw_8bit" else f"ppo.optim={req.lora.optim}"
             reasons.append(f"{setting}: floor {_gib(memory_plan.floor_bytes)}, "
-                           f"{_gib(req_floor(lever.release(req)))} {lever.off}")
+                           f"{_gib(lever.release(req).floor())} {lever.off}")
     if req.logits_chunk_tokens > 0:
         unchunked = replace(req, logits_chunk_tokens=0)
         peaks = []
