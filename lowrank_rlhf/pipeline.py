@@ -67,8 +67,10 @@ def check_run_dir(cfg: RecipeConfig, run_dir: Path, stages: list[str], overwrite
             continue
         found = stage_outputs(run_dir, stage)
         if found:
-            resume = {"ppo": "set ppo.resume=true", "dpo": "rerun DPO with --overwrite"}.get(
-                stage, "continue PPO with --stage ppo ppo.resume=true")
+            if stage == "dpo":  # RUN/policy may be online RL's: --overwrite replaces it and PPO's checkpoint
+                raise RunDirError(f"{run_dir} already holds a trained policy ({found[0].name}); pass --overwrite to "
+                                  f"replace it with DPO's, or choose another --output-dir")
+            resume = "set ppo.resume=true" if stage == "ppo" else "continue PPO with --stage ppo ppo.resume=true"
             raise RunDirError(f"{run_dir} already holds {stage} results ({found[0].name}); pass --overwrite, "
                               f"{resume}, or choose another --output-dir")
 

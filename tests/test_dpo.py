@@ -174,9 +174,16 @@ def test_stage_choices_overwrite_and_missing_sft(dpo_run, tmp_path, capsys):
     # a second DPO run refuses to replace the policy, PPO too (they write the same RUN/policy); the eval report
     # written above (test_generate_and_eval_read_the_dpo_policy) is ours and no obstacle
     assert list(run.glob("eval-*.json"))
-    for stage_name in ("dpo", "ppo"):
-        with pytest.raises(RunDirError, match="already holds .* results \\(policy\\)"):
-            run_stages(cfg, [stage_name], run)
+    with pytest.raises(RunDirError, match="already holds a trained policy \\(policy\\); pass --overwrite"):
+        run_stages(cfg, ["dpo"], run)
+    with pytest.raises(RunDirError, match="already holds ppo results \\(policy\\)"):
+        run_stages(cfg, ["ppo"], run)
+    # --overwrite: DPO replaces the policy and drops online RL's results, which would describe another policy
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = (run / "policy" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert run_stages(cfg, ["dpo"], run, overwrite=True)["dpo"]["steps"] == 2
+    assert not (run / "metrics.jsonl").exists()
+    assert (run / "policy" / "adapter_model.safetensors").stat().st_mtime_ns != before
     # DPO without an SFT adapter: one line, exit 2, nothing written
     empty = tmp_path / "empty"
     code = main(["train", TINY, "--stage", "dpo", "--output-dir", str(empty)])
