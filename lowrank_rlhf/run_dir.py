@@ -30,7 +30,8 @@ class RunDirError(ValueError):
 def _transient(name: str) -> bool:
     """Scratch entries of our atomic writes (.checkpoint.tmp-*, .checkpoint.old) and TRL's scratch folders
     (.sft-*, .reward-*, .dpo-*): a kill -9 can leave them behind, and they are ours to replace."""
-    return name.startswith(".") and (".tmp-" in name or name.endswith(".old") or name.startswith((".sft-", ".reward-", ".dpo-")))
+    return name.startswith(".") and (".tmp-" in name or name.endswith(".old") or
+                                      name.startswith((".sft-", ".reward-", ".dpo-")))
 
 
 def _eval_report(entry: Path) -> bool:

@@ -1,7 +1,8 @@
 """DPO (offline preference optimisation) with TRL's DPOTrainer, on the same quantized base the other stages use.
 
     train_dpo(cfg, pairs, RUN, held)   DPOTrainer: policy = RUN/sft (trainable), reference = a frozen copy of it
-                                       -> RUN/policy (plain PEFT, where online RL writes it) + RUN/policy/dpo_metrics.json
+                                       -> RUN/policy (plain PEFT, where online RL writes it)
+                                          + RUN/policy/dpo_metrics.json
 
 The reference: handed a PeftModel whose "default" adapter is already trained, TRL 1.16's DPOTrainer adds an adapter
 "ref" with the same config and copies "default"'s weights into it; its reference forward runs under
@@ -50,7 +51,8 @@ def dpo_examples(dataset: datasets.Dataset, tokenizer, max_length: int) -> datas
     max_length (prompt + the longer answer) are skipped with a warning, as the reward stage does."""
     cols = set(dataset.column_names)
     if not {"chosen", "rejected"} <= cols:
-        raise DataError(f"data.preferences: DPO needs chosen and rejected columns (prompt optional); got {sorted(cols)}")
+        raise DataError(f"data.preferences: DPO needs chosen and rejected columns (prompt optional); "
+                        f"got {sorted(cols)}")
 
     def encode(ex):
         prompt = ex.get("prompt") or ""

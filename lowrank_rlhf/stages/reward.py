@@ -15,9 +15,10 @@ attended token: `pooling_pad_id` picks a pad token that ends no training sequenc
 
 The reward adapter starts as a copy of RUN/sft when the run has one (reward_model.init=sft, the default, as
 InstructGPT and TRL's examples do: the SFT model already tells right answers from wrong ones), else as a fresh LoRA
-adapter; the score head is fresh either way. Its LoRA keys are saved without the score head, in the layout of the causal LM (LlamaForSequenceClassification and LlamaForCausalLM both call their backbone
-`model`), so RoleModel loads it on the shared causal base; the score head (no bias in transformers) is saved as our
-nn.Linear(hidden, 1) head with a zero bias.
+adapter; the score head is fresh either way. Its LoRA keys are saved without the score head, in the layout of the
+causal LM (LlamaForSequenceClassification and LlamaForCausalLM both call their backbone `model`), so RoleModel loads
+it on the shared causal base; the score head (no bias in transformers) is saved as our nn.Linear(hidden, 1) head
+with a zero bias.
 """
 
 from __future__ import annotations
