@@ -8,9 +8,11 @@ code always builds the same database; `database_script(db_id)` is that database 
 Dates: every timestamp lies before REFERENCE_DATE, and the prompt states it ("-- Today is ..."). The reward pins
 SQLite's 'now' to it as well (sql_reward.py), so "the last week" means the same rows in every year.
 
-Split: each question template has several phrasings; the last one is held out. Its value combinations (method x
-window, city, ...) are split by a hash as well, so a held-out question pairs an unseen phrasing with values the
-training set never asked about together.
+Split: each question template has three phrasings. The first is the SFT data's (question + gold SQL), the second the
+RL prompts' (question only; the reward runs the model's SQL against the gold query's result, so RL meets phrasings
+it was never shown an answer for, as RL with a verifiable reward is meant to), the last is held out. Value
+combinations (method x window, city, ...) are split by a hash as well, so a held-out question pairs an unseen
+phrasing with values training never asked about together.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def build_database(db_id: str) -> sqlite3.Connection:
 @dataclass(frozen=True)
 class Template:
     db_id: str
-    phrasings: tuple[str, ...]  # the last one is held out
+    phrasings: tuple[str, str, str]  # SFT, RL prompts, held out
     sql: str  # str.format'ed with the same values as the phrasing
     values: tuple[dict, ...]  # one dict per value combination
     dated: bool = False  # relative dates: the prompt states today's date
@@ -227,9 +229,9 @@ def _trivial(result: list[tuple]) -> bool:
 
 def build_text2sql_rows() -> dict[str, list[dict]]:
     """The three tables: SFT (prompt/completion), RL prompts and held-out prompts (prompt, gold_sql, db_id).
-    Training rows use the training phrasings x training combinations; held-out rows the held-out phrasing x the
-    held-out combinations. Combinations with a trivial gold result are left out."""
-    train, held = [], []
+    SFT rows use the first phrasing, RL prompts the second, both x the training combinations; held-out rows the last
+    phrasing x the held-out combinations. Combinations with a trivial gold result are left out."""
+    sft, rl, held = [], [], []
     dbs = {db_id: build_database(db_id) for db_id in SCHEMAS}
     for n, t in enumerate(TEMPLATES):
         for values in t.values:
@@ -239,17 +241,18 @@ def build_text2sql_rows() -> dict[str, list[dict]]:
             if _is_held_out(f"{n}:{sorted(values.items())}"):
                 held.append((t.db_id, t.phrasings[-1].format(**values), sql, t.dated))
             else:
-                train += [(t.db_id, p.format(**values), sql, t.dated) for p in t.phrasings[:-1]]
+                sft.append((t.db_id, t.phrasings[0].format(**values), sql, t.dated))
+                rl.append((t.db_id, t.phrasings[1].format(**values), sql, t.dated))
     order = lambda r: hashlib.sha1(r[1].encode()).hexdigest()  # noqa: E731  mixes templates and databases
-    train.sort(key=order)
-    held.sort(key=order)
+    for rows in (sft, rl, held):
+        rows.sort(key=order)
 
     def row(db_id, question, sql, dated):
         return {"prompt": text2sql_prompt(db_id, question, dated), "gold_sql": sql, "db_id": db_id}
 
-    sft = [{"prompt": text2sql_prompt(db, q, d), "completion": [{"role": "assistant", "content": sql}]}
-           for db, q, sql, d in train]
-    return dict(zip(TEXT2SQL_FILES, (sft, [row(*r) for r in train], [row(*r) for r in held])))
+    demonstrations = [{"prompt": text2sql_prompt(db, q, d), "completion": [{"role": "assistant", "content": sql}]}
+                      for db, q, sql, d in sft]
+    return dict(zip(TEXT2SQL_FILES, (demonstrations, [row(*r) for r in rl], [row(*r) for r in held])))
 
 
 def write_text2sql_files(out_dir: str | Path = BUNDLED_DIR) -> dict[str, int]:
