@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 NOT_MATH = ("run_dir", "ppo.total_steps", "ppo.save_steps", "ppo.resume", "ppo.report_to", "ppo.eval_steps",
             "ppo.best_metric", "ppo.overoptimization_patience", "ppo.stop_on_overoptimization", "ppo.max_nan_skips",
             "data.eval_prompts", "rewards.eval_functions", "rewards.timeout_s", "reward_model.min_accuracy",
-            "model.device", "memory.", "dpo.")  # dpo.*: the DPO stage's settings, which PPO never reads
+            "model.device", "memory.", "ppo.logits_chunk_tokens",  # chunking, like micro-batches, sums the same terms
+            "dpo.")  # dpo.*: the DPO stage's settings, which PPO never reads
 # The stages before PPO: a PPO resume loads their adapters from the run directory as they are, so their settings
 # matter only when this command runs those stages again. (reward_model.init, sft.*: earlier stages; ppo.num_generations,
 # ppo.weight_decay, ppo.stop_token and lora.critic_init are guarded like every other key.)

@@ -240,9 +240,10 @@ def test_a_resume_that_changes_the_math_is_refused_with_a_diff(tmp_path, capsys,
 
 def test_a_resume_accepts_logging_saving_and_step_changes_and_says_so(run_copy, caplog):
     with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.resume_guard"):
-        assert train(run_copy, "ppo.resume=true", "ppo.total_steps=3", "ppo.save_steps=0", "memory.budget=3GiB") == 0
+        assert train(run_copy, "ppo.resume=true", "ppo.total_steps=3", "ppo.save_steps=0", "memory.budget=3GiB",
+                     "ppo.logits_chunk_tokens=2") == 0
     assert ("resume: accepted changed settings that do not change the math: memory.budget '2GiB' -> '3GiB', "
-            "ppo.save_steps 1 -> 0, ppo.total_steps 2 -> 3") in caplog.text
+            "ppo.logits_chunk_tokens 0 -> 2, ppo.save_steps 1 -> 0, ppo.total_steps 2 -> 3") in caplog.text
 
 
 HANGING_REWARD = """
