@@ -22,7 +22,7 @@ for alg in ${ALGORITHMS:-ppo grpo rloo reinforce_pp dpo}; do
   [ -f "$OUT/$alg/eval-clickbait.json" ] && continue
   rm -rf "${OUT:?}/$alg" && cp -r "$OUT/shared" "$OUT/$alg"
   mapfile -t overrides < <(.venv/bin/python -c \
-    "from lowrank_rlhf.quickstart import ALGORITHMS; print('\n'.join(ALGORITHMS['$alg']))")
+    "from lowrank_rlhf.quickstart import ALGORITHMS; [print(o) for o in ALGORITHMS['$alg']]")
   stage=ppo; [ "$alg" = dpo ] && stage=dpo
   timed "$alg" "${CLI[@]}" train "$RECIPE" --stage "$stage" --output-dir "$OUT/$alg" "${overrides[@]}"
   "${CLI[@]}" eval "$OUT/$alg" --task clickbait > "$OUT/$alg-eval.log" 2>&1
