@@ -570,16 +570,16 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
 
 
 def test_nan_loss_skips_the_update_and_logs_it(tmp_path, caplog, monkeypatch):
-    from lowrank_rlhf.rl import trainer as trainer_module
+    from lowrank_rlhf.rl import update as update_module  # where the losses are computed
 
-    real, calls = trainer_module.policy_loss, []
+    real, calls = update_module.policy_loss, []
 
     def nan_once(*args, **kwargs):  # the first minibatch's loss is NaN, the second one's is real
         loss, stats = real(*args, **kwargs)
         calls.append(loss.item())
         return (loss * float("nan"), stats) if len(calls) == 1 else (loss, stats)
 
-    monkeypatch.setattr(trainer_module, "policy_loss", nan_once)
+    monkeypatch.setattr(update_module, "policy_loss", nan_once)
     trainer = make_trainer(recipe(tmp_path, "ppo.total_steps=1", "ppo.num_ppo_epochs=1", "ppo.num_mini_batches=2"))
     before = adapter_weights(trainer)
     with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.rl.trainer"):
