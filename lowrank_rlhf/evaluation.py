@@ -21,6 +21,7 @@ from .memory.runner import MicroBatchRunner
 from .models.loading import load_base
 from .models.roles import BASE, RoleModel
 from .rl.rollout import sample_rollout, stop_token_ids
+from .run_dir import EVAL_MARKER
 
 # task -> (held-out table, reward functions (the first is the headline metric), new tokens per answer)
 TASKS = {
@@ -29,7 +30,7 @@ TASKS = {
     "text2sql": ("bundled:text2sql_heldout",
                  ["lowrank_rlhf.rewards:sql_execution", "lowrank_rlhf.rewards:sql_runs"], 64),
 }
-MARKER = "lowrank_rlhf eval"  # in every file we write: a file without it is someone else's and is never replaced
+MARKER = EVAL_MARKER  # in every file we write: a file without it is someone else's and is never replaced
 
 # The seed article's few-shot clickbait prompt (Enryu, "Mini-post: first look at LLaMA", 2023), its words and four
 # examples verbatim; the line breaks are ours (the copy we could read had lost them). A raw-text prompt, no chat

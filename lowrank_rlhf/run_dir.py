@@ -16,7 +16,7 @@ from .models.run_metadata import META_FILE
 
 OWNED_FILE = ".lowrank_rlhf-files.json"
 LOCK_FILE = ".lowrank_rlhf.lock"
-EVAL_MARKER = "lowrank_rlhf eval"  # = evaluation.MARKER, written near the top of every RUN/eval-*.json
+EVAL_MARKER = "lowrank_rlhf eval"  # evaluation.py writes it near the top of every RUN/eval-*.json
 # Everything a run may write at the top of its directory: the stages' outputs, PEFT's model card (README.md, written
 # by save_pretrained beside the adapters), the PPO loop's files, the quickstart's report and the trackers' folders.
 RUN_FILES = ("recipe.yaml", META_FILE, "README.md", "sft", "reward", "policy", "value", "best", "checkpoint",

@@ -20,7 +20,10 @@ if [ ! -d "$OUT/shared/reward" ]; then
 fi
 for alg in ${ALGORITHMS:-ppo grpo rloo reinforce_pp dpo}; do
   [ -f "$OUT/$alg/eval-clickbait.json" ] && continue
-  rm -rf "${OUT:?}/$alg" && cp -r "$OUT/shared" "$OUT/$alg"
+  if [ -e "$OUT/$alg" ]; then  # never delete a directory: a half-finished run may hold someone's files
+    echo "error: $OUT/$alg exists without eval-clickbait.json; move it away and rerun" >&2; exit 2
+  fi
+  cp -r "$OUT/shared" "$OUT/$alg"
   mapfile -t overrides < <(.venv/bin/python -c \
     "from lowrank_rlhf.quickstart import ALGORITHMS; [print(o) for o in ALGORITHMS['$alg']]")
   stage=ppo; [ "$alg" = dpo ] && stage=dpo

@@ -70,3 +70,19 @@ def error_line(stderr: str) -> str:
     assert stderr.strip().splitlines()[-1] == lines[0], "the error is the last thing printed"
     assert "Traceback" not in stderr
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def offline_single_thread():
+    """Every stage runs offline: any socket connect fails the test. One thread: tiny-llama's matmuls are too small
+    to share, and with the CPUs busy (parallel test runs) OpenMP's thread barriers made a step 40x slower."""
+    import socket
+
+    def deny(*args, **kwargs):
+        raise AssertionError("a stage tried to reach the network")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", deny)
+        yield
+    torch.set_num_threads(threads)

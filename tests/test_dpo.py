@@ -3,7 +3,6 @@ copy of it (implicit rewards exactly 0 at step 0), RUN/policy is a plain PEFT ad
 `--stage dpo` and `dpo.enabled` route the pipeline, and the quickstart runs with --algorithm dpo and grpo."""
 
 import json
-import socket
 
 import datasets
 import peft
@@ -31,17 +30,7 @@ QUICK_TINY = ["model.name=tiny-llama", "data.max_prompt_length=160", "data.max_s
               "dpo.batch_size=4", "lora.r=4", "lora.alpha=8", "ppo.eval_steps=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_single_thread():
-    """Offline (any socket connect fails the test) and one thread, as tests/test_stages.py."""
-    def deny(*args, **kwargs):
-        raise AssertionError("a stage tried to reach the network")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", deny)
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_single_thread")  # conftest: offline, one thread
 
 
 def recipe(quantization: str) -> RecipeConfig:

@@ -3,7 +3,6 @@ what PPO loads (RoleModel) reproduces what TRL trained."""
 
 import copy
 import json
-import socket
 
 import datasets
 import peft
@@ -21,18 +20,7 @@ ALL_ROLES = ("policy", "value", "reward", "sft")
 RAMBLE = "well, it is hard to say, there are many sides to this and I would rather not commit"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_single_thread():
-    """Every stage runs offline: any socket connect fails the test. One thread: tiny-llama's matmuls are too small
-    to share, and with the CPUs busy (parallel test runs) OpenMP's thread barriers made a step 40x slower."""
-    def deny(*args, **kwargs):
-        raise AssertionError("a stage tried to reach the network")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", deny)
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_single_thread")  # conftest: offline, one thread
 
 
 def recipe() -> RecipeConfig:
