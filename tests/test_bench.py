@@ -228,14 +228,15 @@ def test_algorithm_flag_reaches_our_trainer(tmp_path, monkeypatch, algorithm):
     class Spy(PPOTrainer):
         def train_step(self):
             seen.append((self.ppo.algorithm, self.ppo.num_generations, self.ppo.beta, self.critic,
-                         tuple(self.model.roles), tuple(self.model.heads)))
+                         tuple(self.model.roles), tuple(self.model.heads), self.ppo.logits_chunk_tokens))
             return super().train_step()
     monkeypatch.setattr(measure, "PPOTrainer", Spy)
-    code, report, _ = run_bench(tmp_path, "--model", "tiny-llama", "--algorithm", algorithm, "--num-generations", "2",
-                                "--beta", "0.1", "--layouts", "ours")
+    code, report, path = run_bench(tmp_path, "--model", "tiny-llama", "--algorithm", algorithm, "--num-generations",
+                                   "2", "--beta", "0.1", "--layouts", "ours", "--logits-chunk-tokens", "3")
     assert code == 0 and report["layouts"]["ours"]["status"] == "ok"
     # the critic-free loop: the policy adapter alone, no value role or head, scored by the reward function
-    assert seen == [(algorithm, 2, 0.1, False, ("policy",), ())] * 2
+    assert seen == [(algorithm, 2, 0.1, False, ("policy",), (), 3)] * 2
+    assert "logits in chunks of 3 tokens" in path.with_suffix(".md").read_text()
     assert report["layouts"]["ours"]["final_score"] is not None
 
 

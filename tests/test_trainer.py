@@ -233,6 +233,36 @@ def test_critic_free_kl_is_zero_at_step_zero_and_micro_batch_size_does_not_chang
     assert metrics["loss/policy_avg"] == pytest.approx(other["loss/policy_avg"], abs=1e-6)
 
 
+@pytest.mark.parametrize("algorithm,skips", [("grpo", True), ("rloo", False), ("reinforce_pp", False)])
+def test_one_update_per_rollout_skips_the_policy_forward_of_the_score_phase_and_trains_the_same(
+        tmp_path, monkeypatch, algorithm, skips):
+    """One epoch, one minibatch: the ratio is exactly 1, so the old logprobs are the update's own (TRL likewise).
+    The step must equal the one that runs the score phase's policy forward; rloo/reinforce_pp put KL in the reward,
+    so they keep that forward."""
+    import lowrank_rlhf.rl.scoring as scoring
+
+    settings = ("ppo.total_steps=1", "ppo.num_ppo_epochs=1", "ppo.num_mini_batches=1")
+    micro = {"generate": 1, "score": 1, "train": 1}  # one row per forward: identical shapes on both paths
+    skipping = make_trainer(critic_free(tmp_path / "a", algorithm, *settings), micro_batches=micro)
+    calls = []
+    real = skipping.model.response_logprobs
+    monkeypatch.setattr(skipping.model, "response_logprobs",
+                        lambda role, *a, **k: calls.append((role, torch.is_grad_enabled())) or real(role, *a, **k))
+    metrics = skipping.train_step()
+    monkeypatch.undo()
+    assert (("policy", False) not in calls) == skips  # no gradient-free policy forward when skipping
+    assert ("policy", True) in calls
+    monkeypatch.setattr(scoring, "old_logprobs_from_update", lambda ppo: False)
+    scoring_pass = make_trainer(critic_free(tmp_path / "b", algorithm, *settings), micro_batches=micro)
+    other = scoring_pass.train_step()
+    assert_same(adapter_weights(skipping), adapter_weights(scoring_pass), atol=1e-6)
+    # the metrics read the update's logprobs instead: the same values, KL exactly 0 at step 0
+    assert metrics["objective/kl"] == 0.0 == other["objective/kl"]
+    assert metrics["objective/entropy"] == pytest.approx(other["objective/entropy"], rel=1e-5)
+    assert metrics["objective/entropy"] > 0
+    assert metrics["val/ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
 def test_grpo_loss_types_do_not_depend_on_the_micro_batch(tmp_path, loss_type):
     one = make_trainer(critic_free(tmp_path / "a", "grpo", "ppo.total_steps=1", f"ppo.loss_type={loss_type}",

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--decode", default="generate", choices=("generate", "static", "static-compiled"),
                         help="rollout decoding (ppo.decode): generate() with a growing cache, a static cache, or a "
                              "static cache with the step compiled as CUDA graphs (default generate)")
+    parser.add_argument("--logits-chunk-tokens", type=int, default=0,
+                        help="ours: lm_head + log-softmax for this many response tokens at a time "
+                             "(ppo.logits_chunk_tokens; default 0 = the whole micro-batch at once)")
     parser.add_argument("--gradient-checkpointing", default="auto", choices=("auto", "on", "off"),
                         help="auto = as the planner decides (default)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of every adapter (default 16)")
@@ -99,6 +102,8 @@ def check_sizes(args: argparse.Namespace) -> None:
         raise SystemExit("bench: layout trl-grpo compares TRL's GRPOTrainer step for step: it needs --algorithm grpo, "
                          f"--ppo-epochs 1 and --mini-batches 1 (got {args.algorithm}, {args.ppo_epochs}, "
                          f"{args.mini_batches})")
+    if args.logits_chunk_tokens < 0:
+        raise SystemExit(f"bench: --logits-chunk-tokens must be >= 0 (0 = no chunks), got {args.logits_chunk_tokens}")
     if args.batch < 1 or args.prompt_len < 1 or args.response_len < 1 or args.steps < 1 or args.warmup < 0:
         raise SystemExit("bench: --batch, --prompt-len, --response-len and --steps must be >= 1, --warmup >= 0")
     rows = args.batch * args.num_generations

@@ -86,6 +86,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "workload": {"batch": args.batch, "prompt_len": args.prompt_len, "response_len": args.response_len,
                      "warmup_steps": args.warmup, "measured_steps": args.steps, "ppo_epochs": args.ppo_epochs,
                      "mini_batches": args.mini_batches, "lora_r": args.lora_r,
+                     "logits_chunk_tokens": args.logits_chunk_tokens,
                      "num_generations": args.num_generations, "responses_per_step": work.rows,
                      "tokens_per_step": work.rows * (args.prompt_len + args.response_len)},
         "isolated_layouts": isolate,

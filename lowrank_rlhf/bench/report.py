@@ -101,6 +101,11 @@ def _algorithm(report: dict) -> str:
     return f"{algo['name']} ({algo['num_generations']} responses per prompt{beta})"
 
 
+def _chunks(workload: dict) -> str:
+    k = workload.get("logits_chunk_tokens")  # absent from reports written before the flag
+    return f", ours' logits in chunks of {k} tokens" if k else ""
+
+
 def markdown(report: dict) -> str:
     layouts = [r for r in report["layouts"].values()]
     dev, model, w = report["device"], report["model"], report["workload"]
@@ -108,7 +113,8 @@ def markdown(report: dict) -> str:
              f"{report['date']} - {_algorithm(report)}, batch {w['batch']}, prompt {w['prompt_len']}, "
              f"response {w['response_len']} "
              f"(forced), {w['measured_steps']} measured steps after {w['warmup_steps']} warm-up, "
-             f"{w['ppo_epochs']} PPO epochs, LoRA r={w['lora_r']}, budget {_gib(report['budget_bytes'])}; "
+             f"{w['ppo_epochs']} PPO epochs, LoRA r={w['lora_r']}, budget {_gib(report['budget_bytes'])}"
+             f"{_chunks(w)}; "
              f"torch {report['versions']['torch']}, bitsandbytes {report['versions']['bitsandbytes']}", ""]
     header = "| | " + " | ".join(r["layout"] for r in layouts) + " |"
     lines += [header, "|---" * (len(layouts) + 1) + "|"]

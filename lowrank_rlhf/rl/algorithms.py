@@ -43,6 +43,16 @@ def kl_in_loss(ppo: PPOConfig) -> bool:
     return ppo.algorithm == "grpo" and ppo.beta > 0
 
 
+def old_logprobs_from_update(ppo: PPOConfig) -> bool:
+    """One update per rollout (one epoch, one minibatch) and no KL in the reward: the policy being updated IS the
+    one that sampled, so the ratio is exactly 1 and the "old" logprobs are the update's own forward, detached.
+    The score phase then skips its policy forward (TRL's GRPOTrainer skips it likewise when num_iterations=1); the
+    update writes those logprobs back for the step's metrics. rloo/reinforce_pp with beta > 0 need the policy's
+    logprobs before the update (their KL goes into the reward), so they keep the forward."""
+    return (not has_critic(ppo.algorithm) and ppo.num_ppo_epochs == 1 and ppo.num_mini_batches == 1
+            and (ppo.beta == 0 or kl_in_loss(ppo)))
+
+
 def check_algorithm(ppo: PPOConfig) -> None:
     if ppo.algorithm in GROUP_BASELINES and ppo.num_generations < 2:
         raise ConfigError(f"ppo.num_generations: {ppo.algorithm} needs at least 2 samples per prompt (the others "

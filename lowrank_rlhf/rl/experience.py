@@ -51,6 +51,8 @@ class Experience:
     advantages: torch.Tensor | None = None        # [B, R] whitened
     returns: torch.Tensor | None = None           # [B, R] value targets (PPO only)
     loss_mask: torch.Tensor | None = None         # [B, R] tokens the update learns from; None = mask
+    # logprobs (and kl) are written by the update's own forward (algorithms.old_logprobs_from_update)
+    logprobs_from_update: bool = False
 
     @property
     def mask(self) -> torch.Tensor:
@@ -81,7 +83,7 @@ class TrainBatch:
     attention_mask: torch.Tensor   # [n, T]
     response_start: int
     response_mask: torch.Tensor    # [n, W] float; the Experience's train_mask
-    old_logprobs: torch.Tensor     # [n, W]
+    old_logprobs: torch.Tensor | None  # [n, W]; None: the update's own forward, detached (ratio exactly 1)
     advantages: torch.Tensor       # [n, W]
     old_values: torch.Tensor | None = None    # [n, W] (PPO)
     returns: torch.Tensor | None = None       # [n, W] (PPO)
@@ -98,5 +100,5 @@ class TrainBatch:
             return None if x is None else x[rows, :width]
         return cls(input_ids=rollout.input_ids[rows, left:right], attention_mask=mask[:, left:right],
                    response_start=rollout.response_start - left, response_mask=cols(exp.train_mask).float(),
-                   old_logprobs=cols(exp.logprobs), advantages=cols(exp.advantages), old_values=cols(exp.values),
-                   returns=cols(exp.returns), ref_logprobs=cols(exp.ref_logprobs))
+                   old_logprobs=None if exp.logprobs_from_update else cols(exp.logprobs),
+                   advantages=cols(exp.advantages), old_values=cols(exp.values), returns=cols(exp.returns), ref_logprobs=cols(exp.ref_logprobs))

@@ -10,7 +10,7 @@ import torch
 from ..config import PPOConfig
 from ..memory.runner import MicroBatchRunner
 from ..models.roles import REFERENCE, RoleModel
-from .algorithms import has_critic, needs_reference
+from .algorithms import has_critic, needs_reference, old_logprobs_from_update
 from .experience import Experience, Rollout, trim_columns
 from .ppo import RunningMoments, kl_penalty, normalize_and_clip_scores
 
@@ -46,8 +46,10 @@ def map_rows(rollout: Rollout, runner: MicroBatchRunner, fn: RowFn) -> torch.Ten
 @torch.no_grad()
 def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: MicroBatchRunner, ppo: PPOConfig,
                   score_moments: RunningMoments) -> Experience:
-    """Without a critic (grpo, rloo, reinforce_pp) no values; with beta=0 no reference forward either."""
+    """Without a critic (grpo, rloo, reinforce_pp) no values; with beta=0 no reference forward either; with one
+    update per rollout no policy forward (its logprobs come from the update: `measure_kl` after it)."""
     critic, reference_pass = has_critic(ppo.algorithm), needs_reference(ppo)
+    from_update = old_logprobs_from_update(ppo)
     temp, shared, chunk = ppo.temperature, critic and model.critic == "shared", ppo.logits_chunk_tokens
 
     def policy(ids, mask, start):
@@ -58,8 +60,11 @@ def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: Mi
         # exactly the policy's code path, temperature and chunking: KL is 0 while policy == sft
         return model.response_logprobs(REFERENCE, ids, mask, start, temp, chunk_tokens=chunk)["logprobs"]
 
-    policy_out = map_rows(rollout, runner, policy)
-    logprobs = policy_out[..., 0] if shared else policy_out
+    if from_update:  # filled by the update (trainer.optimizer_step)
+        policy_out = logprobs = torch.zeros(rollout.response_mask.shape, device=rollout.input_ids.device)
+    else:
+        policy_out = map_rows(rollout, runner, policy)
+        logprobs = policy_out[..., 0] if shared else policy_out
     ref_logprobs = map_rows(rollout, runner, reference) if reference_pass else None
     values = (policy_out[..., 1] if shared else map_rows(rollout, runner, model.token_values)) if critic else None
     raw_scores = scorer(rollout, runner).float().to(logprobs.device)
@@ -69,8 +74,15 @@ def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: Mi
     if ppo.normalize_scores or ppo.score_clip is not None:
         scores = normalize_and_clip_scores(scores, score_moments if ppo.normalize_scores else None, ppo.score_clip)
     mask = rollout.response_mask
-    kl = (kl_penalty(logprobs, ref_logprobs, ppo.kl_estimator) * mask if reference_pass
-          else torch.zeros_like(logprobs))  # beta=0: not measured
-    return Experience(rollout=rollout, logprobs=logprobs * mask,
-                      ref_logprobs=ref_logprobs * mask if reference_pass else None,
-                      values=values * mask if critic else None, kl=kl, raw_scores=raw_scores, scores=scores)
+    exp = Experience(rollout=rollout, logprobs=logprobs * mask,
+                     ref_logprobs=ref_logprobs * mask if reference_pass else None,
+                     values=values * mask if critic else None, kl=torch.zeros_like(logprobs), raw_scores=raw_scores,
+                     scores=scores, logprobs_from_update=from_update)
+    return exp if from_update else measure_kl(exp, ppo)
+
+
+def measure_kl(exp: Experience, ppo: PPOConfig) -> Experience:
+    """The per-token KL estimate of exp.logprobs vs the reference; 0 where not measured (beta=0)."""
+    if exp.ref_logprobs is not None:
+        exp.kl = kl_penalty(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator) * exp.mask
+    return exp

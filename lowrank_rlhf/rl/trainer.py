@@ -42,7 +42,7 @@ from .ppo import AdaptiveKLController, FixedKLController, RunningMoments, gae, m
 from .reporting import MetricsLog
 from .rollout import sample_rollout, stop_token_ids
 from .sampling import row_keys
-from .scoring import Scorer, score_rollout
+from .scoring import Scorer, measure_kl, score_rollout
 from .timing import PhaseClock
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,8 @@ class PPOTrainer:
         with self.clock.phase("train"):
             updates = [self.optimizer_step(exp, rows) for epoch in range(ppo.num_ppo_epochs)
                        for rows in self.minibatches(len(rollout), epoch)]
+        if exp.logprobs_from_update:  # the score phase skipped the policy forward; the update wrote its logprobs
+            exp = measure_kl(exp, ppo)
         # 5. The KL controller follows the measured KL; then the step's metrics, gathered in one host sync.
         self.step += 1
         metrics = self.metrics(exp, updates)
@@ -226,9 +228,16 @@ class PPOTrainer:
         # dapo divides by the tokens of all ranks: the rank mean of the count, since the gradients are rank-averaged
         global_count = not self.critic and self.ppo.loss_type == "dapo" and self.state.num_processes > 1
         loss_tokens = reduce(n_tokens.float(), "mean") if global_count else n_tokens
+        def record(micro: torch.Tensor) -> Callable[[torch.Tensor], None]:
+            def write(logprobs: torch.Tensor) -> None:  # the update's logprobs of these rows (one update per rollout)
+                width = logprobs.shape[1]
+                exp.logprobs[micro, :width] = logprobs.to(exp.logprobs.dtype) * exp.mask[micro, :width]
+            return write
+
         parts = self.runners["train"].run(len(rows), lambda a, b: update.accumulate(
             self.model, self.ppo, TrainBatch.take(exp, rows[a:b]), self.policy_params, self.value_params,
-            self.kl_ctl.value, n_tokens, len(rows), loss_tokens))
+            self.kl_ctl.value, n_tokens, len(rows), loss_tokens,
+            record(rows[a:b]) if exp.logprobs_from_update else None))
         stats = {k: torch.stack([p[k] for p in parts]).sum() for k in parts[0]}
         update.average_grads_across_ranks(self.policy_params + self.value_params, self.state.num_processes)
         # One gradient norm per role serves the finiteness check and the clipping; one host sync decides.

@@ -7,6 +7,9 @@ a sum divided by counts of the whole minibatch, so micro-batching never changes 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
 from accelerate.utils import reduce
 
@@ -19,15 +22,21 @@ from .ppo import masked_mean, policy_loss, value_loss
 
 def accumulate(model: RoleModel, ppo: PPOConfig, batch: TrainBatch, policy_params: list, value_params: list,
                kl_coef: float, n_tokens: torch.Tensor, n_rows: int,
-               loss_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+               loss_tokens: torch.Tensor, record_logprobs: Callable[[torch.Tensor], None] | None = None
+               ) -> dict[str, torch.Tensor]:
     """Losses of one micro-batch as its share of the minibatch's loss. Gradients come from autograd.grad and are
-    added to .grad only at the end, so an OOM halfway leaves nothing half-accumulated."""
+    added to .grad only at the end, so an OOM halfway leaves nothing half-accumulated. Without old logprobs (one
+    update per rollout) this forward's own, detached, are the old ones and go to `record_logprobs`."""
     critic = algorithms.has_critic(ppo.algorithm)
     weight = batch.response_mask.sum() / n_tokens  # this micro-batch's share of the minibatch's tokens
     shared = critic and model.critic == "shared"
     out = model.response_logprobs("policy", batch.input_ids, batch.attention_mask, batch.response_start,
                                   ppo.temperature, with_values=shared, with_entropy=True,
                                   chunk_tokens=ppo.logits_chunk_tokens)
+    if batch.old_logprobs is None:
+        batch = dataclasses.replace(batch, old_logprobs=out["logprobs"].detach())
+        if record_logprobs is not None:
+            record_logprobs(batch.old_logprobs)
     if critic:  # PPO: the clipped surrogate as a token mean (TRL's PPO), this micro-batch's share of it
         pg_loss, pg_stats = policy_loss(out["logprobs"], batch.old_logprobs, batch.advantages, batch.response_mask,
                                         ppo.cliprange)
