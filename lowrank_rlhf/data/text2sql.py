@@ -8,11 +8,11 @@ code always builds the same database; `database_script(db_id)` is that database 
 Dates: every timestamp lies before REFERENCE_DATE, and the prompt states it ("-- Today is ..."). The reward pins
 SQLite's 'now' to it as well (sql_reward.py), so "the last week" means the same rows in every year.
 
-Split: each question template has three phrasings. The first is the SFT data's (question + gold SQL), the second the
-RL prompts' (question only; the reward runs the model's SQL against the gold query's result, so RL meets phrasings
-it was never shown an answer for, as RL with a verifiable reward is meant to), the last is held out. Value
-combinations (method x window, city, ...) are split by a hash as well, so a held-out question pairs an unseen
-phrasing with values training never asked about together.
+Split: each question template has five phrasings. The first is the SFT data's (question + gold SQL); the next three
+are the RL prompts' (question only; the reward runs the model's SQL against the gold query's result, so RL learns
+from phrasings it was never shown an answer for: prompts without answers are cheap, which is what RL with a
+verifiable reward is for); the last is held out. Value combinations (method x window, city, ...) are split by a hash
+as well, so a held-out question pairs an unseen phrasing with values training never asked about together.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def build_database(db_id: str) -> sqlite3.Connection:
 @dataclass(frozen=True)
 class Template:
     db_id: str
-    phrasings: tuple[str, str, str]  # SFT, RL prompts, held out
+    phrasings: tuple[str, ...]  # SFT's, then the RL prompts' (one or more), the held-out one last
     sql: str  # str.format'ed with the same values as the phrasing
     values: tuple[dict, ...]  # one dict per value combination
     dated: bool = False  # relative dates: the prompt states today's date
@@ -132,76 +132,108 @@ def _windows(methods=METHODS) -> tuple[dict, ...]:
 TEMPLATES = (
     Template("events", ('count how many users issued request "{m}" {w}.',
                         'know the number of distinct users who called "{m}" {w}.',
+                        'determine how many unique users made a "{m}" call {w}.',
+                        'count the distinct user ids with a "{m}" request {w}.',
                         'find how many different users sent a "{m}" request {w}.'),
              "SELECT COUNT(DISTINCT user_id) FROM events WHERE rpc_method = '{m}' AND timestamp >= date('now', '{d}');",
              _windows(), dated=True),
     Template("events", ('count the "{m}" requests {w}.',
                         'know how many times "{m}" was called {w}.',
+                        'tally the "{m}" calls {w}.',
+                        'know the count of "{m}" requests made {w}.',
                         'get the number of "{m}" events {w}.'),
              "SELECT COUNT(*) FROM events WHERE rpc_method = '{m}' AND timestamp >= date('now', '{d}');",
              _windows(), dated=True),
     Template("events", ('list the users who issued request "{m}".',
                         'see which user ids called "{m}".',
+                        'list each user id that has called "{m}" at least once.',
+                        'show the unique users behind "{m}" requests.',
                         'find every distinct user that sent "{m}".'),
              "SELECT DISTINCT user_id FROM events WHERE rpc_method = '{m}';", _combos(m=METHODS)),
     Template("events", ("count how many requests user {u} issued.",
                         "know the number of events of user {u}.",
+                        "count all events recorded for user {u}.",
+                        "tell how many requests came from user {u}.",
                         "find how many calls user {u} made in total."),
              "SELECT COUNT(*) FROM events WHERE user_id = {u};", _combos(u=range(1, 41))),
     Template("events", ("list the request types user {u} issued, in alphabetical order.",
                         "see which rpc methods user {u} called, sorted by name.",
+                        "show the unique request types of user {u}, in alphabetical order.",
+                        "list which methods user {u} has used, alphabetically.",
                         "get the distinct methods used by user {u}, ordered alphabetically."),
              "SELECT DISTINCT rpc_method FROM events WHERE user_id = {u} ORDER BY rpc_method;",
              _combos(u=range(1, 41))),
     Template("events", ("count the requests per rpc method {w}.",
                         "know how many events each request type had {w}.",
+                        "show how many requests of each method were made {w}.",
+                        "count events grouped by rpc method {w}.",
                         "get the number of calls for every method {w}."),
              "SELECT rpc_method, COUNT(*) FROM events WHERE timestamp >= date('now', '{d}') GROUP BY rpc_method;",
              tuple({"w": w, "d": d} for w, d in WINDOWS), dated=True),
     Template("shop", ('count the orders with status "{s}".',
                       'know how many orders are "{s}".',
+                      'tell how many orders have the status "{s}".',
+                      'count all "{s}" orders.',
                       'find the number of "{s}" orders.'),
              "SELECT COUNT(*) FROM orders WHERE status = '{s}';", _combos(s=STATUSES)),
     Template("shop", ("get the total amount of orders placed by customers from {c}.",
                       "know how much customers in {c} spent in total.",
+                      "compute the total order amount for customers based in {c}.",
+                      "add up the amounts of orders from {c} customers.",
                       "sum the order amounts of all customers living in {c}."),
              "SELECT SUM(orders.amount) FROM orders JOIN customers ON orders.customer_id = customers.customer_id "
              "WHERE customers.city = '{c}';", _combos(c=CITIES)),
     Template("shop", ('list the names of customers from {c} with a "{s}" order.',
                       'see which customers in {c} have an order with status "{s}".',
+                      'show the names of customers in {c} who placed a "{s}" order.',
+                      'list the unique {c} customers with at least one "{s}" order.',
                       'find the distinct names of {c} customers who have "{s}" orders.'),
              "SELECT DISTINCT customers.name FROM customers JOIN orders ON orders.customer_id = "
              "customers.customer_id WHERE customers.city = '{c}' AND orders.status = '{s}';",
              _combos(c=CITIES, s=STATUSES[:2])),
     Template("shop", ("count the orders with an amount above {a}.",
                       "know how many orders cost more than {a}.",
+                      "tell how many orders have an amount greater than {a}.",
+                      "count orders worth more than {a}.",
                       "find the number of orders whose amount exceeds {a}."),
              "SELECT COUNT(*) FROM orders WHERE amount > {a};", _combos(a=(50, 100, 150, 200, 250))),
     Template("shop", ("count the orders placed {w}.",
                       "know how many orders were made {w}.",
+                      "tell how many orders were placed {w}.",
+                      "count all orders created {w}.",
                       "get the number of new orders {w}."),
              "SELECT COUNT(*) FROM orders WHERE order_date >= date('now', '{d}');",
              tuple({"w": w, "d": d} for w, d in WINDOWS), dated=True),
     Template("shop", ("count the customers in each city.",
                       "know how many customers live in every city.",
+                      "show the number of customers for each city.",
+                      "count customers grouped by city.",
                       "get the number of customers per city."),
              "SELECT city, COUNT(*) FROM customers GROUP BY city;", ({},)),
     Template("library", ('count the {g} books.',
                          'know how many books have the genre "{g}".',
+                         'tell how many {g} books there are.',
+                         'count the books whose genre is {g}.',
                          'find the number of books in the {g} genre.'),
              "SELECT COUNT(*) FROM books WHERE genre = '{g}';", _combos(g=GENRES)),
     Template("library", ("list the titles of books by authors from {c}.",
                          "see which books were written by {c} authors.",
+                         "show the titles of books written by authors from {c}.",
+                         "list the books whose authors are from {c}.",
                          "get the book titles whose author comes from {c}."),
              "SELECT books.title FROM books JOIN authors ON books.author_id = authors.author_id "
              "WHERE authors.country = '{c}';", _combos(c=COUNTRIES)),
     Template("library", ("count the {g} books published after {y}.",
                          "know how many {g} books came out after {y}.",
+                         "tell how many {g} books were published after {y}.",
+                         "count the {g} books with a publication year after {y}.",
                          "find the number of {g} books from after the year {y}."),
              "SELECT COUNT(*) FROM books WHERE genre = '{g}' AND year > {y};",
              _combos(g=GENRES, y=(1970, 1990, 2000, 2010))),
     Template("library", ("count the books per genre.",
                          "know how many books each genre has.",
+                         "show the number of books for each genre.",
+                         "count books grouped by genre.",
                          "get the number of books in every genre."),
              "SELECT genre, COUNT(*) FROM books GROUP BY genre;", ({},)),
 )
@@ -229,8 +261,8 @@ def _trivial(result: list[tuple]) -> bool:
 
 def build_text2sql_rows() -> dict[str, list[dict]]:
     """The three tables: SFT (prompt/completion), RL prompts and held-out prompts (prompt, gold_sql, db_id).
-    SFT rows use the first phrasing, RL prompts the second, both x the training combinations; held-out rows the last
-    phrasing x the held-out combinations. Combinations with a trivial gold result are left out."""
+    SFT rows use the first phrasing, RL prompts the middle ones, all x the training combinations; held-out rows the
+    last phrasing x the held-out combinations. Combinations with a trivial gold result are left out."""
     sft, rl, held = [], [], []
     dbs = {db_id: build_database(db_id) for db_id in SCHEMAS}
     for n, t in enumerate(TEMPLATES):
@@ -242,7 +274,7 @@ def build_text2sql_rows() -> dict[str, list[dict]]:
                 held.append((t.db_id, t.phrasings[-1].format(**values), sql, t.dated))
             else:
                 sft.append((t.db_id, t.phrasings[0].format(**values), sql, t.dated))
-                rl.append((t.db_id, t.phrasings[1].format(**values), sql, t.dated))
+                rl += [(t.db_id, phrasing.format(**values), sql, t.dated) for phrasing in t.phrasings[1:-1]]
     order = lambda r: hashlib.sha1(r[1].encode()).hexdigest()  # noqa: E731  mixes templates and databases
     for rows in (sft, rl, held):
         rows.sort(key=order)
