@@ -87,8 +87,8 @@ def test_chunked_logits_give_the_same_logprobs_entropy_and_gradients(quantizatio
         c_logprobs, c_entropy, c_grads = chunked_forward(model, ids, mask, start, chunk)
         torch.testing.assert_close(c_logprobs, logprobs, rtol=0, atol=1e-6)
         torch.testing.assert_close(c_entropy, entropy, rtol=0, atol=1e-6)
-        for g, c in zip(grads, c_grads):
-            torch.testing.assert_close(c, g, rtol=1e-5, atol=1e-6)
+        for g, c in zip(grads, c_grads):  # chunks sum the gradient in another order: fp32 rounding, ~1e-5 relative
+            torch.testing.assert_close(c, g, rtol=1e-4, atol=1e-5)
     # scoring's path (no grad): the same numbers chunked and not
     scored = {c: model.logprobs("policy", ids, mask, start, temperature=0.7, chunk_tokens=c) for c in (0, 4)}
     torch.testing.assert_close(scored[4], scored[0], rtol=0, atol=1e-6)
