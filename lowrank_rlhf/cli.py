@@ -68,6 +68,9 @@ def cmd_plan(args) -> int:
               f"prompt {cfg.data.max_prompt_length} + response {cfg.ppo.response_length}, "
               f"rollout batch {cfg.ppo.rollout_batch_size}")
         print(memory_plan.table())
+        if cfg.memory.micro_batch:  # the run takes these instead of the planner's micro-batches (plan.micro_batches)
+            fixed = ", ".join(f"{phase}={n}" for phase, n in cfg.memory.micro_batch.items())
+            print(f"memory.micro_batch fixes {fixed}: the run uses it instead of the planner's micro-batch there")
         print("fits" if memory_plan.fits else "does NOT fit: lower the batch or the lengths, or raise the budget")
     return 0 if memory_plan.fits else 1
 

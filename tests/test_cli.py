@@ -195,6 +195,8 @@ def test_plan_prints_the_table_and_refuses_a_budget_below_the_floor(capsys):
     assert main(["plan", recipe, "--budget", "4GiB"]) == 2
     err = error_line(capsys.readouterr().err)
     assert "below the static floor 5.09 GiB" in err
+    assert main(["plan", recipe, "memory.micro_batch={train: 2}"]) == 0
+    assert "memory.micro_batch fixes train=2: the run uses it" in capsys.readouterr().out
 
 
 def test_quickstart_smoke_runs(tmp_path, capsys):
