@@ -154,7 +154,9 @@ def test_critic_free_injected_oom_in_every_phase_gives_the_same_weights(tmp_path
     assert {p: r.micro_batch for p, r in oom.runners.items()} == {"generate": 1, "score": 2, "train": 1}
     assert all(r.oom_events for r in oom.runners.values())
     assert oom.value_params == []  # nothing of a critic appeared on the retry path either
-    assert_same(adapter_weights(clean), adapter_weights(oom), atol=1e-5)
+    # 8 AdamW steps at lr 1e-3: a lost or doubled micro-batch moves weights by ~1e-3; the smaller micro-batches of the
+    # retry only sum in another order (2.6e-5 on 8% of the weights with two threads on this project's CPU machine)
+    assert_same(adapter_weights(clean), adapter_weights(oom), atol=1e-4)
 
 
 TWO_RANKS = """
