@@ -270,7 +270,9 @@ def test_grpo_loss_types_do_not_depend_on_the_micro_batch(tmp_path, loss_type):
     four = make_trainer(critic_free(tmp_path / "b", "grpo", "ppo.total_steps=1", f"ppo.loss_type={loss_type}",
                                     "ppo.epsilon_high=0.28"), micro_batches={"train": 4})
     metrics, other = one.train_step(), four.train_step()
-    assert_same(adapter_weights(one), adapter_weights(four), atol=1e-5)
+    # 4 AdamW steps at lr 1e-3; summation order alone moved one weight by 2.2e-5 with two threads on this project's
+    # CPU machine. The loss below is the strict check (AdamW would forgive a scaled gradient; the loss does not).
+    assert_same(adapter_weights(one), adapter_weights(four), atol=1e-4)
     assert metrics["loss/policy_avg"] == pytest.approx(other["loss/policy_avg"], abs=1e-6)
 
 
