@@ -50,7 +50,8 @@ class Workload:
             f"ppo.algorithm={args.algorithm}", f"ppo.num_generations={args.num_generations}", f"ppo.beta={args.beta}",
             f"ppo.response_length={args.response_len}", f"ppo.total_steps={total_steps}",
             f"ppo.num_ppo_epochs={args.ppo_epochs}", f"ppo.num_mini_batches={args.mini_batches}",
-            f"ppo.logits_chunk_tokens={args.logits_chunk_tokens}", "ppo.temperature=1.0", "ppo.lr_scheduler_type=constant", f"ppo.decode={q(args.decode)}"])
+            f"ppo.logits_chunk_tokens={args.logits_chunk_tokens}", "ppo.temperature=1.0",
+            "ppo.lr_scheduler_type=constant", f"ppo.decode={q(args.decode)}"])
         self.hf_config = self._hf_config()
         self.shape = ModelShape.from_hf_config(self.hf_config)
         self.bandwidth: float | None = None  # bytes/s, set by the run once the device is looked up

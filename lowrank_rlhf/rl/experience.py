@@ -101,4 +101,5 @@ class TrainBatch:
         return cls(input_ids=rollout.input_ids[rows, left:right], attention_mask=mask[:, left:right],
                    response_start=rollout.response_start - left, response_mask=cols(exp.train_mask).float(),
                    old_logprobs=None if exp.logprobs_from_update else cols(exp.logprobs),
-                   advantages=cols(exp.advantages), old_values=cols(exp.values), returns=cols(exp.returns), ref_logprobs=cols(exp.ref_logprobs))
+                   advantages=cols(exp.advantages), old_values=cols(exp.values), returns=cols(exp.returns),
+                   ref_logprobs=cols(exp.ref_logprobs))
