@@ -10,7 +10,7 @@ as CUDA graphs and replay them. `ppo.decode` picks the path:
     static           this loop with a StaticCache, eager (same tokens as generate; the baseline for the next)
     static-compiled  this loop with the step compiled by torch.compile(mode="reduce-overhead")
 
-Sampling is the same keyed Gumbel-max draw either way (sampling.py), so the paths give the same tokens wherever the
+Sampling is the same keyed draw either way (sampling.py), so the paths give the same tokens wherever the
 logits agree; only the kernels' speed and rounding may differ.
 """
 
@@ -21,7 +21,7 @@ import inspect
 import torch
 from transformers import StaticCache
 
-from .sampling import KeyedGumbelSampler
+from .sampling import KeyedSampler
 
 DECODE_MODES = ("generate", "static", "static-compiled")
 
@@ -61,7 +61,7 @@ class StaticDecoder:
         return cache
 
     @torch.no_grad()
-    def sample(self, query: torch.Tensor, query_mask: torch.Tensor, sampler: KeyedGumbelSampler,
+    def sample(self, query: torch.Tensor, query_mask: torch.Tensor, sampler: KeyedSampler,
                max_new_tokens: int, stop_ids: list[int], pad_id: int, force_length: bool) -> torch.Tensor:
         """`max_new_tokens` tokens per left-padded prompt row -> [rows, max_new_tokens], pad after a stop token.
 
@@ -87,7 +87,7 @@ class StaticDecoder:
             scores = logits.float()  # a copy: a replayed CUDA graph overwrites its output buffer
             if force_length and len(stops):
                 scores[:, stops] = float("-inf")  # as generate()'s min_new_tokens does
-            chosen = sampler.perturb(scores, prompt_len + t).argmax(dim=-1)
+            chosen = sampler.choose(scores, prompt_len + t)
             chosen = torch.where(finished, torch.full_like(chosen, pad_id), chosen)
             tokens[:, t] = chosen
             if len(stops):
