@@ -143,13 +143,15 @@ def test_unknown_loss_type_names_the_allowed_ones():
 # --------------------------------------------------------------------------- the PPO guarantees, critic-free
 # KL 0 at step 0, micro-batch invariance and exact resume per algorithm are in tests/test_trainer.py; kill -9 then
 # resume in tests/test_reliability.py. Here: OOM recovery and two ranks, for every critic-free algorithm.
-from test_trainer import CRITIC_FREE, adapter_weights, assert_same, critic_free, make_trainer  # noqa: E402
+from test_trainer import (CRITIC_FREE, adapter_weights, assert_same, critic_free, make_trainer,  # noqa: E402
+                          mean_token_id)
 
 
 @pytest.mark.parametrize("algorithm", CRITIC_FREE)
 def test_critic_free_injected_oom_in_every_phase_gives_the_same_weights(tmp_path, algorithm):
-    clean = make_trainer(critic_free(tmp_path / "a", algorithm))
-    oom = make_trainer(critic_free(tmp_path / "b", algorithm), oom_injection={"generate": 1, "score": 2, "train": 1})
+    clean = make_trainer(critic_free(tmp_path / "a", algorithm), scorer=mean_token_id)
+    oom = make_trainer(critic_free(tmp_path / "b", algorithm), scorer=mean_token_id,
+                       oom_injection={"generate": 1, "score": 2, "train": 1})
     clean.train(), oom.train()
     assert {p: r.micro_batch for p, r in oom.runners.items()} == {"generate": 1, "score": 2, "train": 1}
     assert all(r.oom_events for r in oom.runners.values())

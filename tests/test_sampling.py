@@ -1,4 +1,4 @@
-"""The keyed sampler (rl/sampling.py): an exact draw from softmax(logits / T), fixed by (row key, position) alone."""
+"""The keyed sampler (rl/sampling.py): an exact draw from softmax(logits / T), fixed by (row key, position, token)."""
 
 import math
 
@@ -20,7 +20,7 @@ def test_draws_follow_softmax_of_logits_over_temperature_and_never_pick_a_masked
 
 
 def test_the_tail_of_a_large_vocabulary_keeps_its_mass():
-    """Half the mass on token 0, the rest spread over 49k tokens: a float32 CDF would lose part of the tail."""
+    """Half the mass on token 0, the rest spread over 49k tokens: every token id gets its own noise."""
     vocab, n = 49_152, 1_000
     logits = torch.zeros(vocab)
     logits[0] = math.log(vocab - 1)  # p(token 0) = 1/2
@@ -55,4 +55,15 @@ def test_as_a_logits_processor_greedy_argmax_picks_the_drawn_token():
     sampler = KeyedSampler(row_keys(2, 0, torch.arange(4)), 0.8)
     processed = sampler(torch.zeros(4, 9, dtype=torch.long), scores)
     assert torch.equal(processed.argmax(dim=-1), sampler.choose(scores, 9))
-    assert torch.equal(torch.isfinite(processed).sum(dim=-1), torch.ones(4, dtype=torch.long))
+
+
+def test_a_small_change_in_the_logits_rarely_changes_the_draw():
+    """What an out-of-memory retry at another micro-batch size does to the logits (another summation order, and in
+    later steps weights that differ in the last bits): the drawn token must almost always survive it. Inverting the
+    CDF at one uniform per row changed 12 of these 256 draws (every boundary moves by the summed error before it)."""
+    torch.manual_seed(2)
+    rows, vocab = 256, 49_152
+    logits = torch.randn(rows, vocab) * 2
+    nudged = logits + 1e-4 * torch.randn_like(logits)
+    sampler = KeyedSampler(row_keys(0, 0, torch.arange(rows)), 1.0)
+    assert (sampler.choose(logits, 5) != sampler.choose(nudged, 5)).sum() <= 1

@@ -40,8 +40,9 @@ def letter_share(tokenizer):
 
 
 def mean_token_id(rollout, runner):
-    """A toy reward that differs between any two different responses (letter_share is often 0 for every sample of
-    a prompt at 6 tokens, and a group with equal rewards has no advantage, so its step trains nothing)."""
+    """A toy reward that differs between any two different responses. letter_share is often 0 for every sample of
+    a prompt at 6 tokens; a group with equal rewards has no advantage, so its gradient is rounding noise alone, which
+    AdamW scales up to a full step of +-lr: tests that compare weights across micro-batchings need real gradients."""
     ids = rollout.responses.float() * rollout.response_mask
     return ids.sum(1) / rollout.response_mask.sum(1) / 256
 
@@ -275,9 +276,9 @@ def test_one_update_per_rollout_skips_the_policy_forward_of_the_score_phase_and_
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
 def test_grpo_loss_types_do_not_depend_on_the_micro_batch(tmp_path, loss_type):
     one = make_trainer(critic_free(tmp_path / "a", "grpo", "ppo.total_steps=1", f"ppo.loss_type={loss_type}",
-                                   "ppo.epsilon_high=0.28"), micro_batches={"train": 1})
+                                   "ppo.epsilon_high=0.28"), scorer=mean_token_id, micro_batches={"train": 1})
     four = make_trainer(critic_free(tmp_path / "b", "grpo", "ppo.total_steps=1", f"ppo.loss_type={loss_type}",
-                                    "ppo.epsilon_high=0.28"), micro_batches={"train": 4})
+                                    "ppo.epsilon_high=0.28"), scorer=mean_token_id, micro_batches={"train": 4})
     metrics, other = one.train_step(), four.train_step()
     # 4 AdamW steps at lr 1e-3; summation order alone moved one weight by 2.2e-5 with two threads on this project's
     # CPU machine. The loss below is the strict check (AdamW would forgive a scaled gradient; the loss does not).

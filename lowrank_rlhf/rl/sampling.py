@@ -2,14 +2,17 @@
 
 `generate(do_sample=True)` draws from one global RNG stream, so splitting a batch into micro-batches (or redoing
 one after an out-of-memory error) would change every sample and with it the whole PPO step. Instead each row gets
-its own key, and each token is drawn by inverting the row's CDF of softmax(logits / temperature) at one uniform
-hashed from (key, position): exactly a draw from that distribution with no top-k and no top-p truncation (either
-would bias KL negative), reproducible whatever the micro-batch size, the rank count or a resume.
+its own key, and each token is the arg-max of logits/temperature plus Gumbel noise hashed from (key, position,
+token id): exactly a draw from softmax(logits / temperature) with no top-k and no top-p truncation (either would
+bias KL negative), reproducible whatever the micro-batch size, the rank count or a resume.
 
-Why inversion and not Gumbel-max (argmax of logits/T plus noise hashed per token id): both are exact, but Gumbel-max
-needs a hash and two logarithms for every vocabulary entry of every row at every token step, 58 ms per step for 32
-rows of a 49k vocabulary on one CPU core (13% of SmolLM2's decode step); inversion needs one uniform per row, a
-softmax and a cumulative sum (16 ms), and on a GPU a handful of kernels instead of about twenty-five.
+Why Gumbel-max and not inverting the CDF at one uniform per row (3.6x cheaper here): a micro-batch of another size
+computes logits that differ in the last bits, and a CDF's boundaries move by the summed error of every token before
+them, so an out-of-memory retry changed the tokens it drew (15 of 128 in `test_algorithms.py`'s OOM test with two
+threads); the arg-max changes only when the two best perturbed logits are that close. The noise is made cheap
+instead: each token id's hash is computed once per vocabulary and combined with the row's (key, position) hash by
+one multiply-xorshift round, 9 tensor operations per token step instead of 21 (58 -> about 27 ms for 32 rows of a
+49k vocabulary on one CPU core).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from transformers import LogitsProcessor
 
 _MASK63 = (1 << 63) - 1
+_TOKEN_HASHES: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -29,25 +33,27 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 29)
 
 
-def row_uniforms(keys: torch.Tensor, position: int) -> torch.Tensor:
-    """[rows] float64 uniforms in (0, 1) determined by (row key, position) only."""
-    bits = _mix(keys.to(torch.int64) * 1_000_003 + position)
-    # 53 random bits -> a double in (0, 1); the half-step offset keeps it away from 0 and 1
+def _token_hashes(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """One well-mixed 63-bit hash per token id, computed once per (vocabulary size, device)."""
+    key = (vocab_size, str(device))
+    if key not in _TOKEN_HASHES:
+        ids = torch.arange(vocab_size, device=device, dtype=torch.int64)
+        _TOKEN_HASHES[key] = _mix(ids * 0x9E3779B1 + 0x632BE59BD9B4E019)
+    return _TOKEN_HASHES[key]
+
+
+def uniform_noise(keys: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """[rows, vocab] uniforms in (0, 1) determined by (row key, position, token id) only."""
+    seed = _mix(keys.to(torch.int64) * 1_000_003 + position)
+    # one multiply-xorshift round over the two hashes: the product's high bits depend on every bit of both
+    bits = (seed[:, None] ^ _token_hashes(vocab_size, keys.device)[None, :]) * 0x2545F4914F6CDD1D & _MASK63
+    bits = bits ^ (bits >> 29)
+    # 53 random bits -> a double in (0, 1); the half-step offset keeps it away from 0 and 1 (log stays finite)
     return ((bits >> 10).to(torch.float64) + 0.5) / float(1 << 53)
 
 
-def keyed_choice(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """[rows] token ids: row r's draw from softmax(logits[r]) at uniform u[r] (the first token whose CDF reaches
-    u). Tokens at -inf have probability 0 and are never chosen. The CDF is summed in float64 so the tail of a 49k
-    vocabulary keeps its mass."""
-    cdf = torch.softmax(logits.float(), dim=-1).cumsum(dim=-1, dtype=torch.float64)
-    target = uniforms.to(cdf.device)[:, None] * cdf[:, -1:]  # the sum is 1 up to rounding: scale u to it
-    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=logits.shape[-1] - 1)
-
-
 class KeyedSampler(LogitsProcessor):
-    """Turns greedy decoding into keyed sampling: the scores it returns are 0 at the token drawn from
-    softmax(logits / T) with the row's key and -inf elsewhere, so generate()'s arg-max picks that token."""
+    """Turns greedy decoding into keyed sampling: argmax(logits / T + Gumbel(key, position)) ~ softmax(logits / T)."""
 
     def __init__(self, row_keys: torch.Tensor, temperature: float):
         self.row_keys = row_keys
@@ -56,15 +62,15 @@ class KeyedSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return self.perturb(scores, input_ids.shape[1])
 
-    def choose(self, scores: torch.Tensor, position: int) -> torch.Tensor:
-        """[rows] the sampled token ids for the token at `position` (the sequence length so far, prompt included)."""
-        return keyed_choice(scores.float() / self.temperature, row_uniforms(self.row_keys, position))
-
     def perturb(self, scores: torch.Tensor, position: int) -> torch.Tensor:
-        """Scores whose arg-max is the sampled token (what a LogitsProcessor in greedy generate() must return)."""
-        chosen = self.choose(scores, position)
-        out = torch.full_like(scores, float("-inf"), dtype=torch.float32)
-        return out.scatter_(1, chosen[:, None], 0.0)
+        """logits / T + Gumbel noise for the token at `position` (the sequence length so far, prompt included)."""
+        u = uniform_noise(self.row_keys.to(scores.device), position, scores.shape[-1])
+        gumbel = -torch.log(-torch.log(u))
+        return scores.float() / self.temperature + gumbel.to(torch.float32)
+
+    def choose(self, scores: torch.Tensor, position: int) -> torch.Tensor:
+        """[rows] the sampled token ids for the token at `position`."""
+        return self.perturb(scores, position).argmax(dim=-1)
 
 
 def row_keys(seed: int, step: int, prompt_index: torch.Tensor, sample_index: torch.Tensor | None = None
