@@ -37,8 +37,7 @@ log = logging.getLogger(__name__)
 
 NOT_MATCHED = [
     "TRL casts the LoRA weights of a quantized base to bf16 (QLoRA); ours keeps trained adapters in fp32",
-    "sampling: TRL draws with torch.multinomial, ours by inverting each row's CDF at a uniform keyed per row and "
-    "position (same distribution)",
+    "sampling: TRL draws with torch.multinomial, ours with a per-row keyed Gumbel sampler (same distribution)",
     "TRL computes logprobs with its fused, chunked lm_head",
     "eos ids: TRL stops on the generation config's and tokenizer's eos; ours also on the chat template's end of "
     "turn (no effect here: every completion is forced to full length)",
