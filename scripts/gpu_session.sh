@@ -12,14 +12,12 @@ case "${1:-}" in
     *) echo "usage: bash scripts/gpu_session.sh tests|decode|bench7|bench13" >&2; exit 2 ;;
 esac
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT" .site
-tar xzf .gpu/site.tgz -C .site
-export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+source scripts/gpu_common.sh
+gpu_setup .gpu/site.tgz
 
-bench() {  # bench NAME ARGS...: one JSON (+ .md, .png) per call, written after each layout
+bench() {  # bench NAME ARGS...: one JSON (+ .md, .png) and log per call under $OUT (a call stays under 10 minutes)
     local name=$1; shift
-    python3 -m lowrank_rlhf.bench --warmup 1 --steps 1 --json "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log"
+    bench_into "$OUT" "$name" 590 --warmup 1 --steps 1 "$@"
 }
 
 case "${1:-}" in

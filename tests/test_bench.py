@@ -240,13 +240,25 @@ def test_algorithm_flag_reaches_our_trainer(tmp_path, monkeypatch, algorithm):
     assert report["layouts"]["ours"]["final_score"] is not None
 
 
-def test_layouts_that_do_not_match_the_algorithm_are_refused(tmp_path):
-    with pytest.raises(SystemExit, match="PPO's"):
-        run_bench(tmp_path, "--algorithm", "grpo", "--layouts", "ours,four-model")
-    with pytest.raises(SystemExit, match="needs --algorithm grpo"):
-        run_bench(tmp_path, "--layouts", "ours,trl-grpo")
-    with pytest.raises(SystemExit, match="num-generations >= 2"):
-        run_bench(tmp_path, "--algorithm", "rloo", "--num-generations", "1", "--layouts", "ours")
+@pytest.mark.parametrize("flags, message", [
+    (("--algorithm", "grpo", "--layouts", "ours,four-model"), "are PPO's"),
+    (("--layouts", "ours,trl-grpo"), "needs --algorithm grpo"),
+    (("--algorithm", "rloo", "--num-generations", "1", "--layouts", "ours"), "num-generations >= 2"),
+    (("--layouts", "ours,nonsense"), "allowed layouts: ours, four-model, ours-matched, trl-grpo"),
+    (("--micro-batch", "train=0"), "expected phase=N with phase in generate, score, train"),
+    (("--micro-batch", "decode=4"), "expected phase=N with phase in generate, score, train"),
+])
+def test_bad_bench_flags_give_one_line_errors_and_exit_2_before_anything_runs(tmp_path, capsys, flags, message):
+    """Both entry points (`lowrank-rlhf bench`, `python -m lowrank_rlhf.bench`): one line naming the flag and what
+    is allowed, exit 2, no model loaded and no report written (a traceback and exit 1 before)."""
+    from lowrank_rlhf import cli
+
+    out = tmp_path / "out" / "bench.json"
+    for entry in (lambda argv: cli.main(["bench", *argv]), bench.main):
+        assert entry([*TINY_ARGS, "--json", str(out), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.parent.exists()
 
 
 def test_text_prompts_tokenize_to_exactly_the_prompt_length():

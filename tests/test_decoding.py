@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowrank_rlhf.rl.decoding import StaticDecoder
-from lowrank_rlhf.rl.sampling import KeyedSampler, row_keys
+from lowrank_rlhf.rl.sampling import KeyedGumbelSampler, row_keys
 
 from test_trainer import make_trainer, recipe
 
@@ -54,7 +54,7 @@ def test_out_of_memory_mid_decode_releases_the_kept_cache(tmp_path):
     decoder = StaticDecoder(model.causal_lm, compiled=True)
     tok = model.tokenizer
     query = torch.tensor([tok("hello")["input_ids"]] * 2)
-    sampler = KeyedSampler(row_keys(0, 0, torch.arange(2)), 1.0)
+    sampler = KeyedGumbelSampler(row_keys(0, 0, torch.arange(2)), 1.0)
 
     def out_of_memory(*args):
         assert decoder._cache is not None  # the prefill filled the kept cache

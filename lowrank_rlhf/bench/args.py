@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import ConfigError
 from ..memory import PHASES
 from ..models.random_llama import RANDOM_MODELS
 
@@ -14,6 +15,10 @@ ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
 DEFAULT_REWARD = "lowrank_rlhf.rewards:brevity"
 # tiny shapes built with random weights, for CPU smoke runs of the random-model path
 RANDOM_TINY = "random-tiny"
+
+
+class BenchArgumentError(ConfigError):
+    """A flag that cannot make a workload: the CLI prints its one line and exits 2, before anything runs."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -86,29 +91,30 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def check_sizes(args: argparse.Namespace) -> None:
-    """Exit with a one-line message when the workload's sizes or layouts cannot make a step."""
+    """A one-line BenchArgumentError when the workload's sizes, micro-batches or layouts cannot make a step."""
     resolve_defaults(args)
+    parse_micro_batch(args.micro_batch)
     if args.num_generations < 1 or args.ppo_epochs < 1:
-        raise SystemExit("bench: --num-generations and --ppo-epochs must be >= 1")
+        raise BenchArgumentError("bench: --num-generations and --ppo-epochs must be >= 1")
     if args.algorithm in ("grpo", "rloo") and args.num_generations < 2:
-        raise SystemExit(f"bench: --algorithm {args.algorithm} needs --num-generations >= 2 (the other samples of a "
+        raise BenchArgumentError(f"bench: --algorithm {args.algorithm} needs --num-generations >= 2 (the other samples of a "
                          f"prompt are the baseline)")
     layouts = parse_layouts(args.layouts)
     ppo_only = [x for x in layouts if x in PPO_LAYOUTS]
     if args.algorithm != "ppo" and ppo_only:
-        raise SystemExit(f"bench: layouts {', '.join(ppo_only)} are PPO's (critic and reward model); with --algorithm "
+        raise BenchArgumentError(f"bench: layouts {', '.join(ppo_only)} are PPO's (critic and reward model); with --algorithm "
                          f"{args.algorithm} use: ours, trl-grpo")
     if "trl-grpo" in layouts and (args.algorithm != "grpo" or args.ppo_epochs != 1 or args.mini_batches != 1):
-        raise SystemExit("bench: layout trl-grpo compares TRL's GRPOTrainer step for step: it needs --algorithm grpo, "
+        raise BenchArgumentError("bench: layout trl-grpo compares TRL's GRPOTrainer step for step: it needs --algorithm grpo, "
                          f"--ppo-epochs 1 and --mini-batches 1 (got {args.algorithm}, {args.ppo_epochs}, "
                          f"{args.mini_batches})")
     if args.logits_chunk_tokens < 0:
-        raise SystemExit(f"bench: --logits-chunk-tokens must be >= 0 (0 = no chunks), got {args.logits_chunk_tokens}")
+        raise BenchArgumentError(f"bench: --logits-chunk-tokens must be >= 0 (0 = no chunks), got {args.logits_chunk_tokens}")
     if args.batch < 1 or args.prompt_len < 1 or args.response_len < 1 or args.steps < 1 or args.warmup < 0:
-        raise SystemExit("bench: --batch, --prompt-len, --response-len and --steps must be >= 1, --warmup >= 0")
+        raise BenchArgumentError("bench: --batch, --prompt-len, --response-len and --steps must be >= 1, --warmup >= 0")
     rows = args.batch * args.num_generations
     if args.mini_batches < 1 or rows % args.mini_batches:
-        raise SystemExit(f"bench: --batch x --num-generations ({rows}) must be divisible by --mini-batches "
+        raise BenchArgumentError(f"bench: --batch x --num-generations ({rows}) must be divisible by --mini-batches "
                          f"({args.mini_batches})")
 
 
@@ -118,7 +124,7 @@ def parse_micro_batch(text: str) -> dict[str, int]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or key.strip() not in PHASES or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--micro-batch {text!r}: expected phase=N with phase in {', '.join(PHASES)} and N >= 1, "
+            raise BenchArgumentError(f"--micro-batch {text!r}: expected phase=N with phase in {', '.join(PHASES)} and N >= 1, "
                              f"e.g. generate=16,score=8,train=4")
         out[key.strip()] = int(value)
     return out
@@ -128,5 +134,5 @@ def parse_layouts(text: str) -> list[str]:
     layouts = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in layouts if x not in LAYOUTS]
     if bad or not layouts:
-        raise ValueError(f"--layouts {text!r}: allowed layouts: {', '.join(LAYOUTS)}")
+        raise BenchArgumentError(f"--layouts {text!r}: allowed layouts: {', '.join(LAYOUTS)}")
     return list(dict.fromkeys(layouts))

@@ -23,7 +23,7 @@ import torch
 from accelerate.utils.memory import clear_device_cache
 
 from ..memory.plan import MemoryBudgetError, enforce_budget
-from .args import add_arguments, check_sizes, resolve_defaults
+from .args import BenchArgumentError, add_arguments, check_sizes, resolve_defaults
 from .four_model import plan_four_model
 from .measure import empty_layout, lookup_bandwidth, run_layout
 from .report import checks, markdown, ratios, write_outputs
@@ -178,4 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="python -m lowrank_rlhf.bench", description=DESCRIPTION,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except BenchArgumentError as err:  # the same one line and exit code as `lowrank-rlhf bench`
+        print(f"error: {err}", file=sys.stderr)
+        return 2

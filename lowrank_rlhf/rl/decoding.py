@@ -21,7 +21,7 @@ import inspect
 import torch
 from transformers import StaticCache
 
-from .sampling import KeyedSampler
+from .sampling import KeyedGumbelSampler
 
 DECODE_MODES = ("generate", "static", "static-compiled")
 
@@ -61,7 +61,7 @@ class StaticDecoder:
         return cache
 
     @torch.no_grad()
-    def sample(self, query: torch.Tensor, query_mask: torch.Tensor, sampler: KeyedSampler,
+    def sample(self, query: torch.Tensor, query_mask: torch.Tensor, sampler: KeyedGumbelSampler,
                max_new_tokens: int, stop_ids: list[int], pad_id: int, force_length: bool) -> torch.Tensor:
         """`max_new_tokens` tokens per left-padded prompt row -> [rows, max_new_tokens], pad after a stop token.
 

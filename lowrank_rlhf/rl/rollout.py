@@ -25,7 +25,7 @@ from ..memory.runner import MicroBatchRunner
 from ..models.roles import RoleModel
 from .decoding import StaticDecoder
 from .experience import Rollout
-from .sampling import KeyedSampler
+from .sampling import KeyedGumbelSampler
 
 STOP_TOKEN_FORMS = "eos, none, or token strings of the tokenizer (e.g. [<|eot_id|>])"
 
@@ -114,7 +114,7 @@ def sample_rollout(model: RoleModel, prompts: list[list[int]], index: torch.Tens
                                min_new_tokens=response_length if force_length else 0)
 
     def generate(a: int, b: int) -> torch.Tensor:
-        sampler = KeyedSampler(keys[a:b], temperature) if keys is not None else None
+        sampler = KeyedGumbelSampler(keys[a:b], temperature) if keys is not None else None
         if decoder is not None and sampler is not None:
             with model.generation_mode():
                 model.activate(role)

@@ -52,7 +52,7 @@ def uniform_noise(keys: torch.Tensor, position: int, vocab_size: int) -> torch.T
     return ((bits >> 10).to(torch.float64) + 0.5) / float(1 << 53)
 
 
-class KeyedSampler(LogitsProcessor):
+class KeyedGumbelSampler(LogitsProcessor):
     """Turns greedy decoding into keyed sampling: argmax(logits / T + Gumbel(key, position)) ~ softmax(logits / T)."""
 
     def __init__(self, row_keys: torch.Tensor, temperature: float):
