@@ -212,3 +212,38 @@ def test_reward_is_read_at_last_non_pad_token(load_tiny, lora_cfg):
     with torch.no_grad():
         torch.testing.assert_close(model.rewards(padded_ids, padded_mask, micro_batch=1),
                                    model.rewards(ids, mask, micro_batch=3), rtol=0, atol=1e-5)
+
+
+def test_adapters_used_over_another_compute_dtype_load_with_a_warning(tmp_path, lora_cfg, caplog):
+    """A CPU-trained (float32) adapter served over bf16 compute answered 23-24 held-out SQL questions instead of 33:
+    the run records its compute dtype and loading over another one warns, naming both and the recipe fix."""
+    import json
+    import logging
+
+    from lowrank_rlhf.config import ModelConfig
+    from lowrank_rlhf.models.loading import load_base
+
+    def load(dtype):
+        return load_base(ModelConfig(name="tiny-llama", quantization="4bit", device="cpu", dtype=dtype))
+
+    base, tok = load("float32")
+    RoleModel(base, tok, lora_cfg, roles=("policy",), base_name="tiny-llama", quantization="4bit").save(tmp_path)
+    meta = json.loads((tmp_path / "lowrank_rlhf.json").read_text())
+    assert meta["compute_dtype"] == "float32"
+    logger = "lowrank_rlhf.models.run_metadata"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        RoleModel.load(*load("float32"), tmp_path, lora_cfg, base_name="tiny-llama", quantization="4bit",
+                       roles=("policy",))
+    assert not [r for r in caplog.records if r.name == logger]
+    with caplog.at_level(logging.WARNING, logger=logger):
+        RoleModel.load(*load("bfloat16"), tmp_path, lora_cfg, base_name="tiny-llama", quantization="4bit",
+                       roles=("policy",))
+    assert (f"adapters in {tmp_path} were trained over float32 compute and now run over bfloat16: their answers "
+            "can differ (set model.dtype=float32 to match)") in caplog.text
+    caplog.clear()
+    del meta["compute_dtype"]  # a run written before the field existed: nothing to compare, no warning
+    (tmp_path / "lowrank_rlhf.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger=logger):
+        RoleModel.load(*load("bfloat16"), tmp_path, lora_cfg, base_name="tiny-llama", quantization="4bit",
+                       roles=("policy",))
+    assert not [r for r in caplog.records if r.name == logger]

@@ -28,7 +28,8 @@ from ..memory.runner import MicroBatchRunner
 from ..memory.shapes import lora_targets
 from .frozen_dtype import compact, compact_adapter, round_to
 from .lm_head import token_logprobs
-from .run_metadata import META_FILE, base_fingerprint, check_base, read_run_metadata
+from .run_metadata import (META_FILE, base_fingerprint, check_base, dtype_name, read_run_metadata,
+                           warn_on_compute_dtype_change)
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ class RoleModel(nn.Module):
     # ---- save / load ------------------------------------------------------------------------------------------
     def metadata(self) -> dict:
         return {"base": base_fingerprint(self.causal_lm.config, self.base_name), "quantization": self.quantization,
-                "roles": list(self.roles), "critic": self.critic, "heads": list(self.heads),
+                "compute_dtype": dtype_name(self.causal_lm.dtype), "roles": list(self.roles), "critic": self.critic, "heads": list(self.heads),
                 "lora": {"r": self.lora.r, "alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}}
 
     def save(self, run_dir: str | Path, roles=None) -> None:
@@ -313,6 +314,7 @@ class RoleModel(nn.Module):
         if meta.get("quantization") not in (None, quantization):
             log.warning("%s was trained on a %s base but is loaded on %s", run_dir, meta["quantization"],
                         quantization)
+        warn_on_compute_dtype_change(meta, base.dtype, run_dir)
         sources = {}
         for role in roles:
             src = run_dir / role

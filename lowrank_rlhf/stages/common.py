@@ -24,7 +24,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..config import RecipeConfig
 from ..models.loading import compute_dtype, resolve_device
-from ..models.run_metadata import META_FILE, base_fingerprint, check_base
+from ..models.run_metadata import META_FILE, base_fingerprint, check_base, dtype_name
 
 
 def trainer_kwargs(cfg: RecipeConfig, stage, output_dir: str) -> dict:
@@ -104,7 +104,7 @@ def update_run_metadata(run_dir: Path, model_config, cfg: RecipeConfig, role: st
     roles += [role] if role not in roles else []
     heads += [head] if head and head not in heads else []
     meta.update(base=base_fingerprint(model_config, cfg.model.name), quantization=cfg.model.quantization,
-                roles=roles, critic=meta.get("critic", cfg.lora.critic), heads=heads,
+                compute_dtype=dtype_name(getattr(model_config, "dtype", None)), roles=roles, critic=meta.get("critic", cfg.lora.critic), heads=heads,
                 lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)})
     path.write_text(json.dumps(meta, indent=2))
     return meta
