@@ -52,7 +52,18 @@ def cmd_train(args) -> int:
     if "ppo" in stages:
         summary["ppo_steps"] = results.get("ppo", {}).get("steps")
     print(json.dumps(summary, default=str, indent=1))
+    close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Under torchrun the trainer's accelerate state opened a process group; the command owns the process, so it
+    closes the group once every rank is done (a rank exiting with gloo's threads alive aborted once in CI)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_plan(args) -> int:

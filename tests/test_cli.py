@@ -206,3 +206,21 @@ def test_quickstart_smoke_runs(tmp_path, capsys):
     report = json.loads((tmp_path / "qs" / "report.json").read_text())
     assert set(report["results"]) == {"base", "after SFT", "after PPO"}
     assert (tmp_path / "qs" / "curves.png").stat().st_size > 1000
+
+
+def test_train_closes_the_process_group_after_every_stage_under_torchrun(monkeypatch, tmp_path):
+    """Under torchrun the command waits for every rank, then closes the group; without one it touches nothing."""
+    import torch.distributed as dist
+
+    from lowrank_rlhf import cli, pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_stages", lambda *a, **k: calls.append("stages") or {})
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    argv = ["train", TINY, "--stage", "sft", "--output-dir", str(tmp_path / "run")]
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert cli.main(argv) == 0 and calls == ["stages"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    calls.clear()
+    assert cli.main(argv) == 0 and calls == ["stages", "barrier", "destroy"]
