@@ -224,3 +224,21 @@ def test_train_closes_the_process_group_after_every_stage_under_torchrun(monkeyp
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     calls.clear()
     assert cli.main(argv) == 0 and calls == ["stages", "barrier", "destroy"]
+
+
+def test_text2sql_breakdown_script_counts_per_template_and_refuses_to_overwrite(tiny_run, tmp_path):
+    """scripts/text2sql_breakdown.py on a run: one line per template, a total over the 56 held-out questions, every
+    answer in --json; an existing --json is refused with exit 2 and left as it was."""
+    script = ROOT / "scripts" / "text2sql_breakdown.py"
+    out = tmp_path / "breakdown.json"
+    cmd = [sys.executable, str(script), str(tiny_run), "--role", "sft", "--samples", "2", "--json", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    total = [line for line in result.stdout.splitlines() if line.startswith("total")]
+    assert total and total[0].split("\t")[1] == "56"
+    rows = json.loads(out.read_text())
+    assert len(rows) == 56 and all(len(r["samples"]) == 2 and r["template"] is not None for r in rows)
+    greedy_right = sum(r["greedy_right"] for r in rows)
+    assert int(total[0].split("\t")[2]) == greedy_right
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 2 and "exists" in again.stderr and json.loads(out.read_text()) == rows

@@ -191,3 +191,17 @@ def test_through_call_reward_function_with_dataset_columns():
     with pytest.raises(RewardFunctionError, match="needs columns gold_sql and db_id"):
         call_reward_function(sql_execution, ["p"], ["SELECT 1"], name="sql_execution")
     assert json.dumps(scores.tolist())
+
+
+def test_every_bundled_question_maps_back_to_its_template():
+    """template_of (per-template accuracy in scripts/text2sql_breakdown.py) finds the generating template for every
+    value combination, and nothing for SQL no template wrote."""
+    from lowrank_rlhf.data.text2sql import TEMPLATES, build_text2sql_rows, template_of
+
+    for n, template in enumerate(TEMPLATES):
+        for values in template.values:
+            assert template_of(template.sql.format(**values)) == n, (n, values)
+    rows = build_text2sql_rows()
+    assert all(template_of(r["gold_sql"]) is not None for r in rows["text2sql_prompts"] + rows["text2sql_heldout"])
+    assert template_of("SELECT COUNT(*) FROM events;") is None
+    assert template_of(TEMPLATES[3].sql.format(u=7) + " LIMIT 1") is None

@@ -239,6 +239,25 @@ TEMPLATES = (
 )
 
 
+@lru_cache(maxsize=None)
+def _template_patterns() -> tuple:
+    """Each template's SQL as a regex: the literal text, with every {value} slot matching anything."""
+    import re
+
+    def pattern(sql: str):
+        parts = re.split(r"\{\w+\}", sql)
+        return re.compile("(.+?)".join(re.escape(p) for p in parts) + r"\Z")
+
+    return tuple(pattern(t.sql) for t in TEMPLATES)
+
+
+def template_of(gold_sql: str) -> int | None:
+    """The index in TEMPLATES of the template a bundled gold query came from (None for any other SQL): per-template
+    accuracy shows which kinds of question RL learns and which it does not (scripts/text2sql_breakdown.py)."""
+    matches = [n for n, p in enumerate(_template_patterns()) if p.match(gold_sql)]
+    return matches[0] if len(matches) == 1 else None
+
+
 def text2sql_prompt(db_id: str, question: str, dated: bool = False) -> list[dict]:
     """The user turn in the article's form: the schema, what we want, then "SQL query for this is:"."""
     tables = [f"`{t}` with columns " + ", ".join(f"`{c}`" for c, _ in cols) for t, cols in SCHEMAS[db_id].items()]
