@@ -4,6 +4,8 @@
 # quickstart's own overrides (lowrank_rlhf.quickstart.ALGORITHMS); `lowrank-rlhf quickstart --algorithm X` runs the
 # same settings end to end (with its own SFT and reward model).
 # Usage: bash scripts/compare_algorithms.sh [OUT_DIR]   (default runs/compare; writes OUT_DIR/algorithms.{json,md})
+#   ALGORITHMS="ppo grpo" picks the rows; SEEDS="0 1 2" repeats each algorithm's stage with seed=N (prompt order,
+#   sampling keys, fresh heads) from the same SFT adapter and reward model: seed 0 in OUT_DIR/ALG, others in ALG_sN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/compare}
@@ -19,16 +21,19 @@ if [ ! -d "$OUT/shared/reward" ]; then
   timed reward "${CLI[@]}" train "$RECIPE" --stage reward --output-dir "$OUT/shared"
 fi
 for alg in ${ALGORITHMS:-ppo grpo rloo reinforce_pp dpo}; do
-  [ -f "$OUT/$alg/eval-clickbait.json" ] && continue
-  if [ -e "$OUT/$alg" ]; then  # never delete a directory: a half-finished run may hold someone's files
-    echo "error: $OUT/$alg exists without eval-clickbait.json; move it away and rerun" >&2; exit 2
-  fi
-  cp -r "$OUT/shared" "$OUT/$alg"
-  mapfile -t overrides < <(.venv/bin/python -c \
-    "from lowrank_rlhf.quickstart import ALGORITHMS; [print(o) for o in ALGORITHMS['$alg']]")
-  stage=ppo; [ "$alg" = dpo ] && stage=dpo
-  timed "$alg" "${CLI[@]}" train "$RECIPE" --stage "$stage" --output-dir "$OUT/$alg" "${overrides[@]}"
-  "${CLI[@]}" eval "$OUT/$alg" --task clickbait > "$OUT/$alg-eval.log" 2>&1
+  for seed in ${SEEDS:-0}; do
+    name=$alg; [ "$seed" = 0 ] || name=${alg}_s$seed
+    [ -f "$OUT/$name/eval-clickbait.json" ] && continue
+    if [ -e "$OUT/$name" ]; then  # never delete a directory: a half-finished run may hold someone's files
+      echo "error: $OUT/$name exists without eval-clickbait.json; move it away and rerun" >&2; exit 2
+    fi
+    cp -r "$OUT/shared" "$OUT/$name"
+    mapfile -t overrides < <(.venv/bin/python -c \
+      "from lowrank_rlhf.quickstart import ALGORITHMS; [print(o) for o in ALGORITHMS['$alg']]")
+    stage=ppo; [ "$alg" = dpo ] && stage=dpo
+    timed "$name" "${CLI[@]}" train "$RECIPE" --stage "$stage" --output-dir "$OUT/$name" "seed=$seed" "${overrides[@]}"
+    "${CLI[@]}" eval "$OUT/$name" --task clickbait > "$OUT/$name-eval.log" 2>&1
+  done
 done
 .venv/bin/python - "$OUT" <<'PY'
 import json, re, sys
@@ -42,24 +47,27 @@ def timing(name):
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 2**20
     return round(seconds), round(rss, 2)
 rows = []
+def seed_of(path):
+    return int(path.name.rsplit("_s", 1)[1]) if "_s" in path.name else 0
 for alg in ("ppo", "grpo", "rloo", "reinforce_pp", "dpo"):
-    if not (out / alg / "eval-clickbait.json").is_file():
-        continue
-    report = json.loads((out / alg / "eval-clickbait.json").read_text())["results"]
-    seconds, rss = timing(alg)
-    rows.append({"algorithm": alg, "seconds": seconds, "peak_rss_gib": rss,
-                 **{f"{k} {m}": report[k]["scores"][m] for k in report for m in report[k]["scores"]}})
+    for run in sorted([out / alg, *out.glob(f"{alg}_s*[0-9]")], key=seed_of):
+        if not (run / "eval-clickbait.json").is_file():
+            continue
+        report = json.loads((run / "eval-clickbait.json").read_text())["results"]
+        seconds, rss = timing(run.name)
+        rows.append({"algorithm": alg, "seed": seed_of(run), "seconds": seconds, "peak_rss_gib": rss,
+                     **{f"{k} {m}": report[k]["scores"][m] for k in report for m in report[k]["scores"]}})
 sft_s, sft_rss = timing("sft") if (out / "sft.time").is_file() else (None, None)
 json.dump({"rows": rows, "sft_seconds": sft_s, "sft_peak_rss_gib": sft_rss}, open(out / "algorithms.json", "w"), indent=1)
-lines = ["| model | held-out accuracy | exactly yes/no | few-shot accuracy | few-shot yes/no | stage wall time | stage peak RSS |",
-         "|---|---|---|---|---|---|---|"]
+lines = ["| model | seed | held-out accuracy | exactly yes/no | few-shot accuracy | few-shot yes/no | stage wall time | stage peak RSS |",
+         "|---|---|---|---|---|---|---|---|"]
 first = rows[0] if rows else {}
 for label in ("base", "sft"):
     if first:
-        lines.append(f"| {label} | {first[f'{label} clickbait_accuracy']:.1%} | {first[f'{label} exact_yes_no']:.1%} | "
+        lines.append(f"| {label} | | {first[f'{label} clickbait_accuracy']:.1%} | {first[f'{label} exact_yes_no']:.1%} | "
                      f"{first[f'{label} (few-shot) clickbait_accuracy']:.1%} | {first[f'{label} (few-shot) exact_yes_no']:.1%} | | |")
 for r in rows:
-    lines.append(f"| {r['algorithm']} | {r['policy clickbait_accuracy']:.1%} | {r['policy exact_yes_no']:.1%} | "
+    lines.append(f"| {r['algorithm']} | {r['seed']} | {r['policy clickbait_accuracy']:.1%} | {r['policy exact_yes_no']:.1%} | "
                  f"{r['policy (few-shot) clickbait_accuracy']:.1%} | {r['policy (few-shot) exact_yes_no']:.1%} | "
                  f"{r['seconds']} s | {r['peak_rss_gib']} GiB |")
 (out / "algorithms.md").write_text("\n".join(lines) + "\n")
