@@ -97,25 +97,26 @@ def check_sizes(args: argparse.Namespace) -> None:
     if args.num_generations < 1 or args.ppo_epochs < 1:
         raise BenchArgumentError("bench: --num-generations and --ppo-epochs must be >= 1")
     if args.algorithm in ("grpo", "rloo") and args.num_generations < 2:
-        raise BenchArgumentError(f"bench: --algorithm {args.algorithm} needs --num-generations >= 2 (the other samples of a "
-                         f"prompt are the baseline)")
+        raise BenchArgumentError(f"bench: --algorithm {args.algorithm} needs --num-generations >= 2 (the other "
+                                 f"samples of a prompt are the baseline)")
     layouts = parse_layouts(args.layouts)
     ppo_only = [x for x in layouts if x in PPO_LAYOUTS]
     if args.algorithm != "ppo" and ppo_only:
-        raise BenchArgumentError(f"bench: layouts {', '.join(ppo_only)} are PPO's (critic and reward model); with --algorithm "
-                         f"{args.algorithm} use: ours, trl-grpo")
+        raise BenchArgumentError(f"bench: layouts {', '.join(ppo_only)} are PPO's (critic and reward model); with "
+                                 f"--algorithm {args.algorithm} use: ours, trl-grpo")
     if "trl-grpo" in layouts and (args.algorithm != "grpo" or args.ppo_epochs != 1 or args.mini_batches != 1):
-        raise BenchArgumentError("bench: layout trl-grpo compares TRL's GRPOTrainer step for step: it needs --algorithm grpo, "
-                         f"--ppo-epochs 1 and --mini-batches 1 (got {args.algorithm}, {args.ppo_epochs}, "
-                         f"{args.mini_batches})")
+        raise BenchArgumentError("bench: layout trl-grpo compares TRL's GRPOTrainer step for step: it needs "
+                                 f"--algorithm grpo, --ppo-epochs 1 and --mini-batches 1 (got {args.algorithm}, "
+                                 f"{args.ppo_epochs}, {args.mini_batches})")
     if args.logits_chunk_tokens < 0:
-        raise BenchArgumentError(f"bench: --logits-chunk-tokens must be >= 0 (0 = no chunks), got {args.logits_chunk_tokens}")
+        raise BenchArgumentError(f"bench: --logits-chunk-tokens must be >= 0 (0 = no chunks), got "
+                                 f"{args.logits_chunk_tokens}")
     if args.batch < 1 or args.prompt_len < 1 or args.response_len < 1 or args.steps < 1 or args.warmup < 0:
         raise BenchArgumentError("bench: --batch, --prompt-len, --response-len and --steps must be >= 1, --warmup >= 0")
     rows = args.batch * args.num_generations
     if args.mini_batches < 1 or rows % args.mini_batches:
-        raise BenchArgumentError(f"bench: --batch x --num-generations ({rows}) must be divisible by --mini-batches "
-                         f"({args.mini_batches})")
+        raise BenchArgumentError(f"bench: --batch x --num-generations ({rows}) must be divisible by "
+                                 f"--mini-batches ({args.mini_batches})")
 
 
 def parse_micro_batch(text: str) -> dict[str, int]:
@@ -124,8 +125,8 @@ def parse_micro_batch(text: str) -> dict[str, int]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or key.strip() not in PHASES or not value.strip().isdigit() or int(value) < 1:
-            raise BenchArgumentError(f"--micro-batch {text!r}: expected phase=N with phase in {', '.join(PHASES)} and N >= 1, "
-                             f"e.g. generate=16,score=8,train=4")
+            raise BenchArgumentError(f"--micro-batch {text!r}: expected phase=N with phase in {', '.join(PHASES)} "
+                                     f"and N >= 1, e.g. generate=16,score=8,train=4")
         out[key.strip()] = int(value)
     return out
 

@@ -285,7 +285,8 @@ class RoleModel(nn.Module):
     # ---- save / load ------------------------------------------------------------------------------------------
     def metadata(self) -> dict:
         return {"base": base_fingerprint(self.causal_lm.config, self.base_name), "quantization": self.quantization,
-                "compute_dtype": dtype_name(self.causal_lm.dtype), "roles": list(self.roles), "critic": self.critic, "heads": list(self.heads),
+                "compute_dtype": dtype_name(self.causal_lm.dtype), "roles": list(self.roles), "critic": self.critic,
+                "heads": list(self.heads),
                 "lora": {"r": self.lora.r, "alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}}
 
     def save(self, run_dir: str | Path, roles=None) -> None:

@@ -104,7 +104,8 @@ def update_run_metadata(run_dir: Path, model_config, cfg: RecipeConfig, role: st
     roles += [role] if role not in roles else []
     heads += [head] if head and head not in heads else []
     meta.update(base=base_fingerprint(model_config, cfg.model.name), quantization=cfg.model.quantization,
-                compute_dtype=dtype_name(getattr(model_config, "dtype", None)), roles=roles, critic=meta.get("critic", cfg.lora.critic), heads=heads,
+                compute_dtype=dtype_name(getattr(model_config, "dtype", None)), roles=roles,
+                critic=meta.get("critic", cfg.lora.critic), heads=heads,
                 lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)})
     path.write_text(json.dumps(meta, indent=2))
     return meta
