@@ -161,9 +161,10 @@ changed = any(not torch.equal(before[k], after[k]) for k in before)
 flat = torch.cat([t.flatten() for t in after.values()])
 torch.save({{"flat": flat, "changed": changed, "rank": dist.get_rank(), "world": dist.get_world_size()}},
            Path({run!r}) / f"rank{{dist.get_rank()}}.pt")
-# close the group once both ranks saved: exiting with gloo's threads alive aborted rank 0 once in CI (SIGABRT)
-dist.barrier()
-dist.destroy_process_group()
+# close the group once both ranks saved, as `lowrank-rlhf train` does: exiting with gloo's threads alive aborted
+# rank 0 once in CI (SIGABRT)
+from lowrank_rlhf.cli import close_process_group
+close_process_group()
 """
 
 
