@@ -1,6 +1,6 @@
-"""`lowrank-rlhf eval RUN`: greedy answers of the base, RUN/sft and RUN/policy on a held-out set, scored by reward
-functions, printed as a table and written to RUN/eval-<task>.json. For clickbait each model also answers the seed
-article's few-shot prompt (raw text), the test on which only LLaMA-33B kept the yes/no format.
+"""`lowrank-rlhf eval RUN`: greedy answers of the base, RUN/sft, RUN/policy and RUN/best on a held-out set, scored
+by reward functions, printed as a table and written to RUN/eval-<task>.json. For clickbait each model also answers
+the seed article's few-shot prompt (raw text), the test on which only LLaMA-33B kept the yes/no format.
 
 Answers come through the rollout's own greedy path (quickstart.evaluate's approach: same stop tokens, none of the
 model's generation settings) on the base the run trained on (an adapter belongs to its quantized base, DESIGN 3b).
@@ -100,7 +100,7 @@ def load_run_roles(run_dir: Path, cfg) -> RoleModel:
 def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = None,
                  functions: list[str] | None = None, max_samples: int = 0, max_new_tokens: int | None = None,
                  model: RoleModel | None = None) -> dict:
-    """Scores of base / sft / policy (those the run has) on the held-out set; writes RUN/eval-<name>.json."""
+    """Scores of base / sft / policy / best (those the run has) on the held-out set; writes RUN/eval-<name>.json."""
     from .inference import run_recipe
 
     run_dir = Path(run_dir)
@@ -122,21 +122,40 @@ def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = 
     few_shot = data.tokenize_prompts(few_shot_texts, model.tokenizer, cfg.model.max_length, "truncate",
                                      add_special_tokens=True) if few_shot_texts else None
     results = {}
-    for label, role in wanted.items():
-        if role != BASE and not (run_dir / role / "adapter_config.json").is_file():
-            continue
+
+    def answer(label: str, role: str) -> None:
         answers = greedy_answers(model, role, prompts, max_new_tokens or tokens)
         results[label] = {"scores": score_answers(loaded, texts, answers, columns), "answers": answers}
         if few_shot:  # the article's form: raw text, the first line of the continuation
             raw = [first_line(a) for a in greedy_answers(model, role, few_shot, max_new_tokens or tokens)]
             results[f"{label} (few-shot)"] = {"scores": score_answers(loaded, few_shot_texts, raw, columns), "answers": raw}
+
+    for label, role in wanted.items():
+        if role == BASE or (run_dir / role / "adapter_config.json").is_file():
+            answer(label, role)
+    best = read_best(run_dir) if "policy" in results else None
+    if best:  # RUN/best: the policy RL chose on its eval prompts, answered with the policy adapter's slot
+        model.load_adapter_weights("policy", run_dir / "best" / "policy")
+        try:
+            answer(f"best (step {best['step']})", "policy")
+        finally:
+            model.load_adapter_weights("policy", run_dir / "policy")
+        best["chosen_on"] = cfg.data.eval_prompts
     report = {"written_by": MARKER, "run": str(run_dir), "held_out": source, "rows": len(texts),
-              "functions": specs, "seconds": round(time.perf_counter() - started, 1),
+              "functions": specs, "best": best, "seconds": round(time.perf_counter() - started, 1),
               "results": results, "prompts": texts}
     print(format_table(report))
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"written: {out}")
     return report
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """RUN/best's best.json ({"step", "metric", "value"}) when the run kept a best policy, else None."""
+    path = run_dir / "best" / "best.json"
+    if not (run_dir / "best" / "policy" / "adapter_config.json").is_file() or not path.is_file():
+        return None
+    return json.loads(path.read_text())
 
 
 def format_table(report: dict) -> str:
@@ -145,4 +164,10 @@ def format_table(report: dict) -> str:
                                   for label, r in report["results"].items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     head = f"{report['held_out']}: {report['rows']} held-out prompts, greedy"
-    return head + "\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+    lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    best = report.get("best")
+    if best:  # choosing on the very prompts it is scored on makes the best row a biased, not a held-out, number
+        same = best["chosen_on"] == report["held_out"]
+        lines.append(f"best: the policy at step {best['step']}, chosen on {best['metric']} of {best['chosen_on']}"
+                     + (" -- these same prompts, so its row here is not a held-out measure" if same else ""))
+    return "\n".join(lines)

@@ -59,3 +59,52 @@ def test_clickbait_eval_adds_the_articles_few_shot_prompt(tmp_path):
     few = report["results"]["base (few-shot)"]
     assert len(few["answers"]) == 2 and all("\n" not in a for a in few["answers"])
     assert set(few["scores"]) == {"clickbait_accuracy", "exact_yes_no"}
+
+
+def test_eval_adds_the_best_policy_and_says_when_it_was_chosen_on_the_same_prompts(tmp_path, capsys):
+    """RUN/best answers through the policy adapter's slot: its answers are those of a run whose policy *is* that
+    adapter, the final policy's stay its own, and choosing on the very prompts being scored is said aloud."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    cfg = load_recipe(recipe_path("tiny-cpu.yaml"), ["sft.max_steps=1", "data.sft=bundled:text2sql_sft",
+                                                     "data.max_samples=4", f"run_dir={run}",
+                                                     "data.eval_prompts=bundled:text2sql_heldout"])
+    run_stages(cfg, ["sft"], run)
+    shutil.copytree(run / "sft", run / "policy")
+    (run / "best").mkdir()
+    shutil.copytree(run / "sft", run / "best" / "policy")
+    weights = run / "best" / "policy" / "adapter_model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: v + torch.randn(v.shape, generator=generator) for k, v in load_file(str(weights)).items()},
+              str(weights))
+    (run / "best" / "best.json").write_text('{"step": 3, "metric": "eval/sql_execution", "value": 0.5}')
+    twin = tmp_path / "twin"  # the same run with the best adapter as its final policy
+    shutil.copytree(run, twin)
+    shutil.rmtree(twin / "policy")
+    shutil.move(twin / "best" / "policy", twin / "policy")
+    shutil.rmtree(twin / "best")
+
+    args = ["--task", "text2sql", "--max-samples", "3", "--max-new-tokens", "6"]
+    assert main(["eval", str(run), *args]) == 0
+    out = capsys.readouterr().out
+    assert main(["eval", str(twin), *args]) == 0
+    mine = json.loads((run / "eval-text2sql.json").read_text())
+    twins = json.loads((twin / "eval-text2sql.json").read_text())
+    assert list(mine["results"]) == ["base", "sft", "policy", "best (step 3)"] and "best (step 3)" not in twins
+    assert mine["results"]["best (step 3)"]["answers"] == twins["results"]["policy"]["answers"]
+    assert mine["results"]["policy"]["answers"] == mine["results"]["sft"]["answers"] != twins["results"]["policy"][
+        "answers"]
+    assert mine["best"]["chosen_on"] == "bundled:text2sql_heldout"
+    assert "these same prompts, so its row here is not a held-out measure" in out
+    # a caller's model gets its own final policy back
+    from lowrank_rlhf.evaluation import evaluate_run, load_run_roles
+    from lowrank_rlhf.inference import run_recipe
+
+    model = load_run_roles(run, run_recipe(run))
+    before = {n: p.clone() for n, p in model.peft.named_parameters() if ".policy." in n}
+    evaluate_run(run, "text2sql", max_samples=3, max_new_tokens=6, model=model)
+    assert before and all(torch.equal(p, before[n]) for n, p in model.peft.named_parameters() if n in before)

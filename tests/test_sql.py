@@ -28,8 +28,8 @@ def test_bundled_files_match_the_generator(tmp_path):
         assert (tmp_path / f"{stem}.jsonl").read_text() == (BUNDLED_DIR / f"{stem}.jsonl").read_text(), \
             f"{stem}.jsonl is stale: run python -c 'from lowrank_rlhf.data.text2sql import write_text2sql_files; " \
             f"write_text2sql_files()'"
-    assert 3 * counts["text2sql_sft"] == counts["text2sql_prompts"] and counts["text2sql_sft"] > 2 * \
-        counts["text2sql_heldout"] > 100
+    assert 6 * counts["text2sql_sft"] == counts["text2sql_prompts"] and counts["text2sql_sft"] > 2 * \
+        counts["text2sql_heldout"] > 100 and counts["text2sql_sft"] > 2 * counts["text2sql_validation"] > 100
 
 
 def test_events_is_the_articles_table_and_rows_predate_the_reference_date():
@@ -56,8 +56,13 @@ def test_prompt_form_columns_and_split():
     assert not questions(held) & questions(train)
     assert not set(held["gold_sql"]) & set(train["gold_sql"])
     assert set(held["db_id"]) == set(SCHEMAS)
-    # SFT shows one phrasing with its answer, RL asks the same queries in three other phrasings, answers unseen
-    assert sorted(3 * [c[0]["content"] for c in sft["completion"]]) == sorted(train["gold_sql"])
+    # SFT shows one phrasing with its answer, RL asks the same queries in six other phrasings, answers unseen
+    assert sorted(6 * [c[0]["content"] for c in sft["completion"]]) == sorted(train["gold_sql"])
+    assert len(questions(train)) == len(train)
+    # validation: training queries (choosing on it reveals no held-out answer) in a phrasing no other table uses
+    validation = load_prompts("bundled:text2sql_validation")
+    assert not questions(validation) & (questions(train) | questions(held) | questions(sft))
+    assert set(validation["gold_sql"]) < set(train["gold_sql"]) and set(validation["db_id"]) == set(SCHEMAS)
     assert len(questions(train)) == len(train)
     assert not questions(sft) & questions(train) and not questions(sft) & questions(held)
     for sql, db in zip(held["gold_sql"], held["db_id"]):

@@ -304,6 +304,14 @@ class RoleModel(nn.Module):
             save_file(state, str(run_dir / owner / HEAD_FILES[head]))
         (run_dir / META_FILE).write_text(json.dumps(self.metadata(), indent=2))
 
+    def load_adapter_weights(self, role: str, source: str | Path) -> None:
+        """Replace `role`'s LoRA weights with a saved adapter of the same shape (a PEFT directory, e.g. RUN/best/
+        policy): one loaded base then answers as either policy, without a second PeftModel on the same modules."""
+        state = load_file(str(Path(source) / "adapter_model.safetensors"), device=str(self.device))
+        loaded = peft.set_peft_model_state_dict(self.peft, state, adapter_name=role)
+        if loaded.unexpected_keys:
+            raise ValueError(f"{source} does not fit the {role} adapter: {loaded.unexpected_keys[0]} has no place")
+
     @classmethod
     def load(cls, base: nn.Module, tokenizer, run_dir: str | Path, lora: LoraConfig, base_name: str = "",
              quantization: str = "none", roles=("policy", "value", "reward"), trainable=("policy", "value"),
