@@ -28,8 +28,7 @@ from ..memory.runner import MicroBatchRunner
 from ..memory.shapes import lora_targets
 from .frozen_dtype import compact, compact_adapter, round_to
 from .lm_head import token_logprobs
-from .run_metadata import (META_FILE, base_fingerprint, check_base, dtype_name, read_run_metadata,
-                           warn_on_compute_dtype_change)
+from .run_metadata import META_FILE, check_base, read_run_metadata, run_metadata, warn_on_compute_dtype_change
 
 log = logging.getLogger(__name__)
 
@@ -284,10 +283,8 @@ class RoleModel(nn.Module):
 
     # ---- save / load ------------------------------------------------------------------------------------------
     def metadata(self) -> dict:
-        return {"base": base_fingerprint(self.causal_lm.config, self.base_name), "quantization": self.quantization,
-                "compute_dtype": dtype_name(self.causal_lm.dtype), "roles": list(self.roles), "critic": self.critic,
-                "heads": list(self.heads),
-                "lora": {"r": self.lora.r, "alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}}
+        return run_metadata(self.causal_lm.config, self.base_name, self.quantization, self.causal_lm.dtype,
+                            self.roles, self.critic, self.heads, self.lora)
 
     def save(self, run_dir: str | Path, roles=None) -> None:
         """Each adapter in RUN/<role> in plain PEFT format; heads as safetensors beside their adapter; a JSON."""

@@ -24,6 +24,16 @@ def base_fingerprint(config, name: str) -> dict:
     return {"name": name, **{k: getattr(config, k, None) for k in FINGERPRINT_KEYS}}
 
 
+def run_metadata(config, base_name: str, quantization: str, compute_dtype, roles: list, critic: str, heads: list,
+                 lora) -> dict:
+    """RUN/lowrank_rlhf.json's content: which base (fingerprint, quantization, compute dtype) the adapters belong
+    to, which roles and heads the run has, and the LoRA shape. One builder for RoleModel.save and the TRL stages."""
+    return {"base": base_fingerprint(config, base_name), "quantization": quantization,
+            "compute_dtype": dtype_name(compute_dtype), "roles": list(roles), "critic": critic,
+            "heads": list(heads),
+            "lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}}
+
+
 def _describe(fp: dict) -> str:
     return (f"'{fp.get('name')}' ({fp.get('model_type')}, {fp.get('num_hidden_layers')} layers, "
             f"hidden {fp.get('hidden_size')}, vocab {fp.get('vocab_size')})")

@@ -24,7 +24,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..config import RecipeConfig
 from ..models.loading import compute_dtype, resolve_device
-from ..models.run_metadata import META_FILE, base_fingerprint, check_base, dtype_name
+from ..models.run_metadata import META_FILE, check_base, run_metadata
 
 
 def trainer_kwargs(cfg: RecipeConfig, stage, output_dir: str) -> dict:
@@ -103,10 +103,9 @@ def update_run_metadata(run_dir: Path, model_config, cfg: RecipeConfig, role: st
     heads = list(meta.get("heads", []))
     roles += [role] if role not in roles else []
     heads += [head] if head and head not in heads else []
-    meta.update(base=base_fingerprint(model_config, cfg.model.name), quantization=cfg.model.quantization,
-                compute_dtype=dtype_name(getattr(model_config, "dtype", None)), roles=roles,
-                critic=meta.get("critic", cfg.lora.critic), heads=heads,
-                lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)})
+    meta.update(run_metadata(model_config, cfg.model.name, cfg.model.quantization,
+                             getattr(model_config, "dtype", None), roles, meta.get("critic", cfg.lora.critic), heads,
+                             cfg.lora))
     path.write_text(json.dumps(meta, indent=2))
     return meta
 
