@@ -247,6 +247,7 @@ def test_algorithm_flag_reaches_our_trainer(tmp_path, monkeypatch, algorithm):
     (("--layouts", "ours,nonsense"), "allowed layouts: ours, four-model, ours-matched, trl-grpo"),
     (("--micro-batch", "train=0"), "expected phase=N with phase in generate, score, train"),
     (("--micro-batch", "decode=4"), "expected phase=N with phase in generate, score, train"),
+    (("--model", "no/such-model"), "--model: no model 'no/such-model' on this machine; allowed: a local model"),
 ])
 def test_bad_bench_flags_give_one_line_errors_and_exit_2_before_anything_runs(tmp_path, capsys, flags, message):
     """Both entry points (`lowrank-rlhf bench`, `python -m lowrank_rlhf.bench`): one line naming the flag and what

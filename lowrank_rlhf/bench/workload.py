@@ -15,11 +15,11 @@ import torch
 from ..config import load_recipe
 from ..memory.plan import resolve_budget
 from ..memory.shapes import ModelShape
-from ..models.builtin import tiny_llama_config
+from ..models.builtin import BUILTIN_MODELS, tiny_llama_config
 from ..models.loading import compute_dtype, load_base, resolve_device, resolve_model_path
 from ..models.random_llama import RANDOM_MODELS, build_random_llama, random_config
 from ..rl.algorithms import has_critic
-from .args import RANDOM_TINY, parse_layouts, parse_micro_batch, resolve_defaults
+from .args import RANDOM_TINY, BenchArgumentError, parse_layouts, parse_micro_batch, resolve_defaults
 
 # the vocabulary of the random-tiny model (tiny-llama's shape with random weights, no tokenizer files)
 RANDOM_TINY_VOCAB = 512
@@ -65,7 +65,13 @@ class Workload:
             return self._random_config()
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(resolve_model_path(self.model_name))
+        try:  # local files only: no network at run time, and an unknown name fails at once, not after retries
+            return AutoConfig.from_pretrained(resolve_model_path(self.model_name), local_files_only=True)
+        except OSError:
+            raise BenchArgumentError(
+                f"--model: no model {self.model_name!r} on this machine; allowed: a local model directory, a hub id "
+                f"already in the Hugging Face cache, a built-in ({', '.join(BUILTIN_MODELS)}) or a random-weight "
+                f"shape ({', '.join(RANDOM_MODELS)}, {RANDOM_TINY})") from None
 
     def _random_config(self):
         if self.model_name == RANDOM_TINY:
