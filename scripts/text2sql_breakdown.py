@@ -1,6 +1,6 @@
 """Per-template text-to-SQL accuracy of one adapter of a run: greedy, and optionally pass@k of sampled answers.
 
-    .venv/bin/python scripts/text2sql_breakdown.py RUN [--role sft|policy|base] [--table heldout|prompts]
+    .venv/bin/python scripts/text2sql_breakdown.py RUN [--role sft|policy|base] [--table heldout|prompts|validation]
                                                    [--samples K --temperature T] [--json OUT]
 
 `lowrank-rlhf eval --task text2sql` gives one number per model; this shows which kinds of question (the templates
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
     p.add_argument("--role", default="policy", choices=("policy", "sft", "base"))
-    p.add_argument("--table", default="heldout", choices=("heldout", "prompts"))
+    p.add_argument("--table", default="heldout", choices=("heldout", "prompts", "validation"))
     p.add_argument("--samples", type=int, default=0, help="sampled answers per question for pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
