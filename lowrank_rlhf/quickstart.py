@@ -84,7 +84,8 @@ def evaluate(model: RoleModel, role: str, prompts: list[list[int]], texts: list[
                              max_new_tokens, 1.0, stops, role=role)
     reward = None
     if "reward" in model.roles:
-        reward = model.rewards(rollout.input_ids, rollout.attention_mask, micro_batch=16).mean().item()
+        ids = rollout.ending_with(tok.eos_token_id)  # as the reward model was trained (Rollout.ending_with)
+        reward = model.rewards(ids, rollout.attention_mask, micro_batch=16).mean().item()
     kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
     answers = tok.batch_decode(kept, skip_special_tokens=True)
     normalized = [data.normalize_answer(a) for a in answers]

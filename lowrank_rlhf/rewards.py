@@ -254,7 +254,8 @@ class Scorer:
     def parts(self, rollout, runner) -> dict[str, torch.Tensor]:
         parts = {}
         if self.learned_weight:
-            parts["learned"] = self.model.rewards(rollout.input_ids, rollout.attention_mask, runner=runner).cpu()
+            ids = rollout.ending_with(self.model.tokenizer.eos_token_id)  # the ending the reward model learned on
+            parts["learned"] = self.model.rewards(ids, rollout.attention_mask, runner=runner).cpu()
         if self.functions:
             rows = rollout.prompt_index.tolist()
             completions = self.completions(rollout)

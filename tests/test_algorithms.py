@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lowrank_rlhf.config import ConfigError, load_recipe
+from lowrank_rlhf.config import ConfigError, PPOConfig, load_recipe
 from lowrank_rlhf.rl import algorithms as alg
 
 SQRT2 = math.sqrt(2.0)
@@ -166,7 +166,8 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from test_trainer import adapter_weights, critic_free, make_trainer
 from pathlib import Path
-trainer = make_trainer(critic_free(Path({run!r}), {algorithm!r}, "ppo.total_steps=2", "ppo.rollout_batch_size=4"))
+trainer = make_trainer(critic_free(Path({run!r}), {algorithm!r}, "ppo.total_steps=2", "ppo.rollout_batch_size=4",
+                                   "ppo.normalize_scores=true"))
 groups = [trainer.prompt_indices(step)[0].tolist() for step in range(2)]
 before = adapter_weights(trainer)
 trainer.train()
@@ -185,7 +186,8 @@ batch_error = max(
     (alg.masked_whiten_across_ranks(tokens[mine], mask[mine], total)
      - alg.masked_whiten_across_ranks(tokens, mask)[mine]).abs().max())
 torch.save({{"flat": torch.cat([t.flatten() for t in after.values()]), "groups": groups, "batch_error": batch_error,
-            "changed": any(not torch.equal(before[k], after[k]) for k in before), "world": dist.get_world_size()}},
+            "changed": any(not torch.equal(before[k], after[k]) for k in before), "world": dist.get_world_size(),
+            "moments": trainer.score_moments.state_dict()}},
            Path({run!r}) / f"rank{{dist.get_rank()}}.pt")
 # close the group once both ranks saved, as `lowrank-rlhf train` does: exiting with gloo's threads alive aborted
 # rank 0 once in CI (SIGABRT)
@@ -217,6 +219,8 @@ def test_critic_free_two_cpu_ranks_end_with_identical_adapters_and_never_split_a
             assert mine[0::2] == mine[1::2]
         assert not set(rows[0]) & set(rows[1])  # and no prompt is on both ranks
     assert all(r["batch_error"] < 1e-5 for r in ranks)  # scale_rewards=batch, REINFORCE++ whitening
+    # normalize_scores learns from every rank's scores (2 steps x 4 rows x 2 ranks), so the ranks normalise alike
+    assert ranks[0]["moments"] == ranks[1]["moments"] and ranks[0]["moments"]["count"] == 16
 
 
 def test_whitening_across_ranks_with_one_rank_is_masked_whiten():
@@ -228,3 +232,25 @@ def test_whitening_across_ranks_with_one_rank_is_masked_whiten():
     scores = torch.tensor([1.0, 3.0, 2.0, 6.0])
     torch.testing.assert_close(alg.group_advantages(scores, 2, "batch", identity),
                                alg.group_advantages(scores, 2, "batch"))
+
+
+def test_grpo_kl_term_stays_finite_where_padding_logprobs_are_very_low():
+    """The stored reference logprobs are 0 on padding, the update's are not: a pad logprob below about -88.7 made
+    exp() overflow, and inf * 0 = NaN reached the loss and, through the output mask's backward, the gradient."""
+    logprobs = torch.tensor([[-1.0, -0.5, -120.0]], requires_grad=True)
+    ref = torch.tensor([[-1.2, -0.4, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    kl = alg.reference_kl(logprobs, ref, mask)
+    losses, _ = alg.clipped_surrogate(logprobs, ref, torch.ones(1, 3) * mask, mask, 0.2, 0.28)
+    loss = alg.loss_share(losses + 0.1 * kl, mask, "dapo", 1, mask.sum(), 3)
+    loss.backward()
+    assert torch.isfinite(kl).all() and kl[0, 2] == 0 and torch.isfinite(loss)
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 2] == 0
+
+
+def test_mask_truncated_completions_without_stop_tokens_is_refused():
+    ppo = PPOConfig(algorithm="grpo", num_generations=2, mask_truncated_completions=True, stop_token=["none"])
+    with pytest.raises(ConfigError, match=r"ppo.mask_truncated_completions: with ppo.stop_token=\[none\] no "
+                                          r"response has a stop token"):
+        alg.check_algorithm(ppo)
+    alg.check_algorithm(PPOConfig(algorithm="grpo", num_generations=2, mask_truncated_completions=True))

@@ -326,3 +326,11 @@ def test_holdout_split():
     train, held = holdout_split(ds, 0.1)
     assert len(train) == 18 and len(held) == 2 and not set(train["x"]) & set(held["x"])
     assert holdout_split(ds, 0.0) == (ds, None)
+
+
+def test_left_truncation_keeps_the_bos_token_and_says_what_the_cut_loses(tokenizer):
+    (row,) = tokenize_prompts([tokenizer.bos_token + "a" * 30 + "THE END"], tokenizer, max_prompt_length=10)
+    assert len(row) == 10 and row[0] == tokenizer.bos_token_id  # the model never saw text without its BOS
+    assert tokenizer.decode(row[1:]) == "aaTHE END"
+    with pytest.warns(UserWarning, match="system prompt or chat-template header, is lost"):
+        tokenize_prompts(["b" * 30], tokenizer, max_prompt_length=10)

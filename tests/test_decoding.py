@@ -62,5 +62,5 @@ def test_out_of_memory_mid_decode_releases_the_kept_cache(tmp_path):
 
     decoder.step = out_of_memory
     with model.generation_mode(), pytest.raises(torch.OutOfMemoryError):
-        decoder.sample(query, torch.ones_like(query), sampler, 5, [tok.eos_token_id], tok.pad_token_id, False)
+        decoder.sample(query, torch.ones_like(query), sampler, 5, [tok.eos_token_id], tok.pad_token_id)
     assert decoder._cache is None

@@ -362,3 +362,11 @@ def test_normalize_and_clip_scores():
     close(normalize_and_clip_scores(T([4.0, 5.0]), rm, 1.0), [(4 - 3) / math.sqrt(2.5), 1.0])
     with pytest.raises(ValueError):
         normalize_and_clip_scores(s, None, 0.0)
+
+
+def test_normalize_scores_learns_its_moments_from_the_pooled_scores_of_every_rank():
+    mine, pooled = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 3.0, 10.0, 20.0])
+    running = RunningMoments()
+    out = normalize_and_clip_scores(mine, running, None, pooled)
+    assert running.count == 4 and running.mean == pytest.approx(8.5)
+    torch.testing.assert_close(out, (mine - 8.5) / (pooled.std() + torch.finfo(torch.float32).eps))

@@ -70,3 +70,40 @@ def test_shared_critic_head_trains_at_value_learning_rate_without_weight_decay(t
     assert all(group_of[id(p)]["lr"] == 3e-2 for p in head)
     assert all(g["weight_decay"] == 0.0 for g in groups)
     assert not any(p is h for p in groups[0]["params"] for h in head)
+
+
+@pytest.mark.parametrize("decode", ["generate", "static"])
+def test_forced_length_samples_stop_tokens_as_plain_tokens(tmp_path, decode):
+    """The bench forces every response to full length. Blocking the stop tokens (min_new_tokens) would sample
+    from a distribution other than the softmax the scoring assumes; they are drawn and kept as plain tokens."""
+    free = make_trainer(recipe(tmp_path / "a", f"ppo.decode={decode}", *SETTINGS, "ppo.stop_token=[none]"))
+    drawn = free.rollout()
+    stop = int(drawn.responses[0, 3])  # a token the sampler drew: make it a stop token
+    forced = make_trainer(recipe(tmp_path / "b", f"ppo.decode={decode}", *SETTINGS), force_response_length=True)
+    forced.stop_ids = [stop]
+    rollout = forced.rollout()
+    assert torch.equal(rollout.input_ids, drawn.input_ids)
+    assert rollout.response_mask.all() and not rollout.has_stop.any()
+
+
+def test_the_reward_model_reads_any_stop_token_as_the_eos_it_was_trained_on():
+    from types import SimpleNamespace
+
+    from lowrank_rlhf.rewards import Scorer
+    from lowrank_rlhf.rl.experience import Rollout
+
+    eos, other, pad = 2, 7, 0
+    ids = torch.tensor([[5, 9, other, pad], [5, 9, 9, 9], [5, eos, pad, pad]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    rollout = Rollout(input_ids=ids, attention_mask=mask, response_start=1, response_mask=mask[:, 1:],
+                      prompt_index=torch.arange(3), has_stop=torch.tensor([True, False, True]))
+    seen = {}
+
+    def rewards(input_ids, attention_mask, runner=None):  # a "reward model" that records what it reads
+        seen["ids"] = input_ids
+        return torch.zeros(len(input_ids))
+
+    model = SimpleNamespace(tokenizer=SimpleNamespace(eos_token_id=eos, pad_token_id=pad), rewards=rewards)
+    Scorer(model, 1.0, {}, [], {}).parts(rollout, None)
+    assert seen["ids"].tolist() == [[5, 9, eos, pad], [5, 9, 9, 9], [5, eos, pad, pad]]
+    assert rollout.input_ids[0, 2] == other  # the policy's own tokens are left as sampled

@@ -337,13 +337,57 @@ def test_beta_zero_runs_no_reference_forward(tmp_path, monkeypatch, algorithm):
     assert any(not torch.equal(before[k], v) for k, v in adapter_weights(without).items())
 
 
-def test_mask_truncated_completions_learns_nothing_from_truncated_responses(tmp_path):
-    trainer = make_trainer(critic_free(tmp_path, "grpo", "ppo.mask_truncated_completions=true", "ppo.beta=0"),
-                           force_response_length=True)  # no response ends with a stop token
+def test_a_step_where_no_token_carries_loss_skips_its_updates_says_so_and_moves_nothing(tmp_path, caplog):
+    """mask_truncated_completions with no response stopping: every loss is 0. The updates are skipped, not applied:
+    AdamW's moments from an earlier step would otherwise keep moving the weights on no signal."""
+    trainer = make_trainer(critic_free(tmp_path, "grpo", "ppo.beta=0"), force_response_length=True, scorer=mean_token_id)
+    first = trainer.train_step()  # a real step: AdamW now has moments
+    assert first["policy/loss_token_share"] == 1.0 and first["skipped"] == 0
+    trainer.ppo.mask_truncated_completions = True  # no response ends with a stop token
     before = adapter_weights(trainer)
-    metrics = trainer.train_step()
-    assert metrics["skipped"] == 0
+    with caplog.at_level("WARNING", logger="lowrank_rlhf.rl.trainer"):
+        metrics = trainer.train_step()
+    assert metrics["policy/loss_token_share"] == 0.0
+    assert metrics["skipped"] == 4 and trainer.nan_skips == 0  # 2 epochs x 2 minibatches, none of them a NaN
     assert_same(before, adapter_weights(trainer), atol=0)
+    assert "step 2 learned nothing: no response ended with a stop token within ppo.response_length=6" in caplog.text
+
+
+def test_a_step_that_needs_more_prompts_than_the_table_has_samples_each_repeat_anew(tmp_path):
+    trainer = make_trainer(recipe(tmp_path, "ppo.rollout_batch_size=16", "ppo.response_length=8"))  # 12 prompts
+    index, sample = trainer.prompt_indices(0)
+    assert sorted(set(index.tolist())) == list(range(12))
+    assert len(set(zip(index.tolist(), sample.tolist()))) == 16  # 4 prompts twice, each time its own sample index
+    rollout = trainer.rollout()
+    responses = {}
+    for prompt, response in zip(rollout.prompt_index.tolist(), rollout.responses.tolist()):
+        responses.setdefault(prompt, []).append(tuple(response))
+    repeats = [r for r in responses.values() if len(r) == 2]
+    assert len(repeats) == 4 and all(a != b for a, b in repeats)  # the same key drew identical responses
+
+
+def test_every_pass_over_the_prompts_has_its_own_order(tmp_path):
+    trainer = make_trainer(recipe(tmp_path, "ppo.rollout_batch_size=4"))  # 12 prompts: 3 steps a pass
+    passes = [torch.cat([trainer.prompt_indices(step)[0] for step in range(3 * p, 3 * p + 3)]).tolist()
+              for p in range(3)]
+    assert all(sorted(walk) == list(range(12)) for walk in passes)  # each pass sees every prompt once
+    assert passes[0] != passes[1] != passes[2]
+
+
+def test_lora_dropout_is_off_in_rl_so_the_same_forward_gives_the_same_logprobs(tmp_path, caplog):
+    """With dropout on (train mode, as gradient checkpointing needs) the old, reference and new logprobs of a token
+    came from different random masks. A fresh adapter hides it (lora_B = 0), so the policy's is made non-zero."""
+    with caplog.at_level("WARNING", logger="lowrank_rlhf.rl.trainer"):
+        trainer = make_trainer(recipe(tmp_path, "lora.dropout=0.5"))
+    assert "dropout 0.5 turned off for the RL stage" in caplog.text
+    with torch.no_grad():
+        for name, param in trainer.model.peft.named_parameters():
+            if "lora_B" in name and ".policy." in name:
+                param.normal_(std=0.5)
+    trainer.model.set_gradient_checkpointing(True)  # train mode: dropout would act in every forward
+    rollout = trainer.rollout()
+    first, second = trainer.score(rollout), trainer.score(rollout)
+    assert torch.equal(first.logprobs, second.logprobs) and torch.equal(first.values, second.values)
 
 
 def test_critic_free_trainer_refuses_a_model_with_a_critic(tmp_path):

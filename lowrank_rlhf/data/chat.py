@@ -103,7 +103,7 @@ def encode_prompts(dataset: Any, tokenizer, max_prompt_length: int, long_prompts
     """`prompt_ids` of every prompt, at most `max_prompt_length` long (see `_limit_lengths`)."""
     _check_limits(max_prompt_length, long_prompts)
     ids = [prompt_ids(tokenizer, p, name, i) for i, p in enumerate(_prompt_column(dataset, name))]
-    return _limit_lengths(ids, max_prompt_length, long_prompts, name)
+    return _limit_lengths(ids, max_prompt_length, long_prompts, name, tokenizer.bos_token_id)
 
 
 def tokenize_prompts(texts: Sequence[str], tokenizer, max_prompt_length: int, long_prompts: str = "truncate",
@@ -115,7 +115,7 @@ def tokenize_prompts(texts: Sequence[str], tokenizer, max_prompt_length: int, lo
     makes this choice per row."""
     _check_limits(max_prompt_length, long_prompts)
     ids = [list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]) for text in texts]
-    return _limit_lengths(ids, max_prompt_length, long_prompts, name)
+    return _limit_lengths(ids, max_prompt_length, long_prompts, name, tokenizer.bos_token_id)
 
 
 def _check_limits(max_prompt_length: int, long_prompts: str) -> None:
@@ -125,10 +125,12 @@ def _check_limits(max_prompt_length: int, long_prompts: str) -> None:
         raise DataError(f"data.max_prompt_length: {max_prompt_length} is out of range; allowed range: [1, inf]")
 
 
-def _limit_lengths(ids: list[list[int]], max_len: int, long_prompts: str, name: str) -> list[list[int]]:
+def _limit_lengths(ids: list[list[int]], max_len: int, long_prompts: str, name: str,
+                   bos_id: int | None = None) -> list[list[int]]:
     """Prompts longer than max_len are cut from the LEFT (the end of a prompt, where the question and the assistant
-    turn are, is kept) with one warning saying how many were cut, or, with long_prompts="error", a DataError
-    naming the longest length and the limit."""
+    turn are, is kept; a leading BOS stays, as the model never saw text without one) with one warning saying how
+    many were cut and what a cut loses, or, with long_prompts="error", a DataError naming the longest length and
+    the limit."""
     too_long = [len(row) for row in ids if len(row) > max_len]
     if not too_long:
         return ids
@@ -137,8 +139,15 @@ def _limit_lengths(ids: list[list[int]], max_len: int, long_prompts: str, name: 
                         f"{max_len} tokens (longest: {max(too_long)}); raise data.max_prompt_length or set "
                         f"data.long_prompts=truncate")
     warnings.warn(f"{name}: {len(too_long)} of {len(ids)} prompts were longer than data.max_prompt_length={max_len} "
-                  f"tokens (longest: {max(too_long)}) and were truncated from the left", stacklevel=3)
-    return [row[-max_len:] if len(row) > max_len else row for row in ids]
+                  f"tokens (longest: {max(too_long)}) and were truncated from the left: their start, with any system "
+                  f"prompt or chat-template header, is lost (set data.long_prompts=error to refuse them)", stacklevel=3)
+    return [_cut_left(row, max_len, bos_id) if len(row) > max_len else row for row in ids]
+
+
+def _cut_left(row: list[int], max_len: int, bos_id: int | None) -> list[int]:
+    if bos_id is not None and row[0] == bos_id and max_len > 1:
+        return [bos_id] + row[len(row) - max_len + 1:]
+    return row[-max_len:]
 
 
 # ----------------------------------------------------------------------------------------------------- examples

@@ -57,6 +57,9 @@ def check_algorithm(ppo: PPOConfig) -> None:
     if ppo.algorithm in GROUP_BASELINES and ppo.num_generations < 2:
         raise ConfigError(f"ppo.num_generations: {ppo.algorithm} needs at least 2 samples per prompt (the others "
                           f"are its baseline), got {ppo.num_generations}")
+    if ppo.mask_truncated_completions and ppo.stop_token == ["none"]:
+        raise ConfigError("ppo.mask_truncated_completions: with ppo.stop_token=[none] no response has a stop token, "
+                          "so every loss would be masked; set ppo.stop_token (eos or token strings) or turn it off")
 
 
 # --------------------------------------------------------------------------- advantages
@@ -166,8 +169,14 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
 
 
 def reference_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """GRPO's per-token KL term, k3 = exp(ref - lp) - (ref - lp) - 1 >= 0 (TRL), 0 on padding."""
-    return kl_penalty(logprobs, ref_logprobs, "k3") * mask
+    """GRPO's per-token KL term, k3 = exp(ref - lp) - (ref - lp) - 1 >= 0 (TRL), 0 on padding.
+
+    The inputs are masked, not only the output: the stored reference logprobs are 0 on padding while the update's
+    are not, and a pad logprob below about -88.7 overflows exp() to inf; inf * 0 is NaN in the loss and, through
+    the backward of any output mask, in the gradient."""
+    keep = mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    return kl_penalty(torch.where(keep, logprobs, zero), torch.where(keep, ref_logprobs, zero), "k3") * mask
 
 
 def loss_share(losses: torch.Tensor, mask: torch.Tensor, loss_type: str, rows: int | torch.Tensor,

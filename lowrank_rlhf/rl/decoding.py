@@ -62,19 +62,19 @@ class StaticDecoder:
 
     @torch.no_grad()
     def sample(self, query: torch.Tensor, query_mask: torch.Tensor, sampler: KeyedGumbelSampler,
-               max_new_tokens: int, stop_ids: list[int], pad_id: int, force_length: bool) -> torch.Tensor:
+               max_new_tokens: int, stop_ids: list[int], pad_id: int) -> torch.Tensor:
         """`max_new_tokens` tokens per left-padded prompt row -> [rows, max_new_tokens], pad after a stop token.
 
         The attention mask has its final length from the start (ones over the response; causality hides what is not
         written yet), so every decode step has identical shapes.
         """
         try:
-            return self._sample(query, query_mask, sampler, max_new_tokens, stop_ids, pad_id, force_length)
+            return self._sample(query, query_mask, sampler, max_new_tokens, stop_ids, pad_id)
         except BaseException:
             self._cache = None  # after an out-of-memory error the retry must be able to free it
             raise
 
-    def _sample(self, query, query_mask, sampler, max_new_tokens, stop_ids, pad_id, force_length) -> torch.Tensor:
+    def _sample(self, query, query_mask, sampler, max_new_tokens, stop_ids, pad_id) -> torch.Tensor:
         rows, prompt_len = query.shape
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=query.device)
         cache = self._cache_for(rows, prompt_len + max_new_tokens)
@@ -85,8 +85,6 @@ class StaticDecoder:
         logits = _last_logits(self.model, query, mask, positions[:, :prompt_len], cache, self._cache_argument)
         for t in range(max_new_tokens):
             scores = logits.float()  # a copy: a replayed CUDA graph overwrites its output buffer
-            if force_length and len(stops):
-                scores[:, stops] = float("-inf")  # as generate()'s min_new_tokens does
             chosen = sampler.choose(scores, prompt_len + t)
             chosen = torch.where(finished, torch.full_like(chosen, pad_id), chosen)
             tokens[:, t] = chosen

@@ -35,6 +35,16 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def ending_with(self, eos_id: int) -> torch.Tensor:
+        """input_ids with each response's stop token replaced by `eos_id`: SFT and reward sequences always end
+        in the tokenizer's eos (data/chat.py), but a rollout may stop at another id (Llama-3.1's <|eom_id|>), and
+        the reward model reads its score at that last token."""
+        last = self.response_start + self.response_mask.sum(1) - 1  # the stop token, where the row stopped
+        rows = self.has_stop.nonzero().flatten()
+        ids = self.input_ids.clone()
+        ids[rows, last[rows]] = eos_id
+        return ids
+
 
 @dataclass
 class Experience:

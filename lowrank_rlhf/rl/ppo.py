@@ -365,7 +365,7 @@ class RunningMoments:
 
 
 def normalize_and_clip_scores(
-    scores: torch.Tensor, running: RunningMoments | None, clip: float | None
+    scores: torch.Tensor, running: RunningMoments | None, clip: float | None, pooled: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Optionally normalise reward-model scores with running statistics, then clip.
 
@@ -373,11 +373,13 @@ def normalize_and_clip_scores(
     (so the first batch is normalised by its own statistics) and scores become
     ``(s - mean) / (std + eps)``: this keeps the score on a stable scale
     relative to the KL penalty as the reward model's output drifts. ``clip``
-    bounds outliers to ``[-clip, clip]``. Returns a new tensor.
+    bounds outliers to ``[-clip, clip]``. ``pooled`` (every data-parallel
+    rank's scores) is what the moments learn from instead of ``scores``, so
+    every rank normalises alike. Returns a new tensor.
     """
     out = scores
     if running is not None:
-        running.update(scores)
+        running.update(scores if pooled is None else pooled)
         eps = torch.finfo(scores.dtype).eps if scores.is_floating_point() else 1e-8
         out = (out - running.mean) / (running.std + eps)
     if clip is not None:

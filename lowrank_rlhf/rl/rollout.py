@@ -105,21 +105,22 @@ def sample_rollout(model: RoleModel, prompts: list[list[int]], index: torch.Tens
                    decoder: StaticDecoder | None = None, force_length: bool = False,
                    sample_index: torch.Tensor | None = None, role: str = "policy") -> Rollout:
     """Responses of `response_length` tokens (right-padded after the stop token) to prompts[index], one key per
-    row; `keys=None` answers greedily (evaluation). `decoder` replaces generate() with the static-cache loop."""
+    row; `keys=None` answers greedily (evaluation). `decoder` replaces generate() with the static-cache loop.
+    `force_length` (bench) samples every response to its full length by treating stop tokens as plain tokens: the
+    draw stays one from softmax(logits / T), as scoring assumes; blocking them would sample from another one."""
     pad_id = model.tokenizer.pad_token_id
+    stop_ids = [] if force_length else stop_ids
     query, query_mask = left_pad([prompts[i] for i in index.tolist()], pad_id)
     query, query_mask = query.to(model.device), query_mask.to(model.device)
     gen_cfg = GenerationConfig(max_new_tokens=response_length, do_sample=False, num_beams=1, use_cache=True,
-                               eos_token_id=list(stop_ids), pad_token_id=pad_id,
-                               min_new_tokens=response_length if force_length else 0)
+                               eos_token_id=list(stop_ids), pad_token_id=pad_id, min_new_tokens=0)
 
     def generate(a: int, b: int) -> torch.Tensor:
         sampler = KeyedGumbelSampler(keys[a:b], temperature) if keys is not None else None
         if decoder is not None and sampler is not None:
             with model.generation_mode():
                 model.activate(role)
-                return decoder.sample(query[a:b], query_mask[a:b], sampler, response_length, stop_ids, pad_id,
-                                      force_length)
+                return decoder.sample(query[a:b], query_mask[a:b], sampler, response_length, stop_ids, pad_id)
         with neutral_generation_config(model.causal_lm):
             out = model.generate(role, query[a:b], query_mask[a:b], generation_config=gen_cfg,
                                  logits_processor=[sampler] if sampler is not None else [])

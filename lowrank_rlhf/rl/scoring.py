@@ -45,9 +45,11 @@ def map_rows(rollout: Rollout, runner: MicroBatchRunner, fn: RowFn) -> torch.Ten
 
 @torch.no_grad()
 def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: MicroBatchRunner, ppo: PPOConfig,
-                  score_moments: RunningMoments) -> Experience:
+                  score_moments: RunningMoments,
+                  gather_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Experience:
     """Without a critic (grpo, rloo, reinforce_pp) no values; with beta=0 no reference forward either; with one
-    update per rollout no policy forward (its logprobs come from the update: `measure_kl` after it)."""
+    update per rollout no policy forward (its logprobs come from the update: `measure_kl` after it).
+    `gather_ranks` (accelerate's `gather`; None = one process) pools every rank's scores for normalize_scores."""
     critic, reference_pass = has_critic(ppo.algorithm), needs_reference(ppo)
     from_update = old_logprobs_from_update(ppo)
     temp, shared, chunk = ppo.temperature, critic and model.critic == "shared", ppo.logits_chunk_tokens
@@ -72,7 +74,9 @@ def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: Mi
     if ppo.missing_eos_penalty is not None:
         scores = scores - ppo.missing_eos_penalty * (~rollout.has_stop).float()
     if ppo.normalize_scores or ppo.score_clip is not None:
-        scores = normalize_and_clip_scores(scores, score_moments if ppo.normalize_scores else None, ppo.score_clip)
+        pooled = gather_ranks(scores) if gather_ranks is not None and ppo.normalize_scores else None
+        scores = normalize_and_clip_scores(scores, score_moments if ppo.normalize_scores else None, ppo.score_clip,
+                                           pooled)
     mask = rollout.response_mask
     exp = Experience(rollout=rollout, logprobs=logprobs * mask,
                      ref_logprobs=ref_logprobs * mask if reference_pass else None,

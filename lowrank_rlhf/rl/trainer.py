@@ -23,8 +23,9 @@ from typing import Callable
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import reduce
+from accelerate.utils import gather, reduce
 from transformers import get_scheduler
+from trl.trainer.utils import disable_dropout_in_model
 
 from .. import resume_guard
 from ..config import ConfigError, RecipeConfig, to_dict
@@ -50,6 +51,17 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     """Too many PPO updates in a row had NaN/inf losses or gradients."""
+
+
+def turn_off_dropout(model: RoleModel) -> None:
+    """No dropout in RL (TRL's PPO default, `disable_dropout`). With it, the old, reference and new logprobs of one
+    token would come from different random masks: KL is not 0 at step 0 and the ratio is noise. Adapters may carry
+    a dropout the recipe does not show (a loaded SFT adapter's own adapter_config), so every module is checked."""
+    rates = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0})
+    if rates:
+        log.warning("dropout %s turned off for the RL stage: it would make the old, reference and new logprobs of a "
+                    "token disagree (lora.dropout applies to SFT, reward and DPO only)", ", ".join(map(str, rates)))
+    disable_dropout_in_model(model)
 
 
 class PPOTrainer:
@@ -80,6 +92,7 @@ class PPOTrainer:
                 raise ConfigError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be divisible by "
                                   f"ppo.{key} ({getattr(self.ppo, key)})")
         self.stop_ids = stop_token_ids(model.tokenizer, model.causal_lm.generation_config, self.ppo.stop_token)
+        turn_off_dropout(model)
         micro_batches, oom_injection = micro_batches or {}, oom_injection or {}
         self.runners = {p: MicroBatchRunner(p, micro_batches.get(p, self.ppo.rollout_batch_size),
                                             inject_oom_above=oom_injection.get(p)) for p in PHASES}
@@ -111,7 +124,7 @@ class PPOTrainer:
         self.best: dict | None = None  # {"step", "metric", "value"} of RUN/best
         self.step = 0
         self.nan_skips = 0
-        self.order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
+        self._orders: dict[int, torch.Tensor] = {}  # epoch_order's last pass (a step spans at most a few)
         self._interrupted = 0  # the signal that asked the run to stop
 
     # ================================================================================== the loop
@@ -171,6 +184,10 @@ class PPOTrainer:
         metrics = self.metrics(exp, updates)
         self.kl_ctl.update(metrics["objective/kl"], len(rollout) * self.state.num_processes)
         metrics["kl_coef"] = self.kl_ctl.value  # the coefficient the next step uses
+        if metrics["policy/loss_token_share"] == 0:
+            log.warning("step %d learned nothing: no response ended with a stop token within ppo.response_length=%d "
+                        "and ppo.mask_truncated_completions is on; raise ppo.response_length or turn it off",
+                        self.step, ppo.response_length)
         # 6. Every eval_steps: the held-out prompts, answered greedily and scored by every source (health.py).
         if self._evaluation_due():
             metrics.update(self.evaluate())
@@ -178,13 +195,25 @@ class PPOTrainer:
         return metrics
 
     def prompt_indices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows for `step` as (prompt index, sample index): prompts from a fixed shuffle, walked in
-        order, disjoint across ranks; each prompt num_generations times in a row, samples 0..G-1."""
-        g = self.ppo.num_generations
+        """This rank's rows for `step` as (prompt index, sample index). The prompts are walked in a shuffled order,
+        reshuffled every pass over the table (epoch), disjoint across ranks; each prompt num_generations times in a
+        row. The sample index counts a prompt's samples within the step (all ranks'): 0..G-1, and G.. when the step
+        needs more prompts than the table has and meets a prompt again, so the repeat gets its own sampling key
+        instead of the same key and identical responses."""
+        g, ranks = self.ppo.num_generations, self.state.num_processes
         b, n = self.ppo.rollout_batch_size // g, len(self.prompts)
-        first = (step * self.state.num_processes + self.state.process_index) * b
-        prompts = self.order[torch.arange(first, first + b) % n]
-        return prompts.repeat_interleave(g), torch.arange(g).repeat(b)
+        draws = torch.arange(b) + (step * ranks + self.state.process_index) * b  # positions in the endless walk
+        epochs = draws // n
+        prompts = torch.stack([self.epoch_order(int(e))[int(d) % n] for d, e in zip(draws, epochs)])
+        repeat = epochs - step * ranks * b // n  # 0 unless a pass over the table began earlier in this step
+        return prompts.repeat_interleave(g), (repeat.repeat_interleave(g) * g + torch.arange(g).repeat(b))
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The shuffled prompt order of one pass over the table (the first pass keeps the order runs had before)."""
+        if epoch not in self._orders:
+            seed = self.cfg.seed if epoch == 0 else self.cfg.seed * 1_000_003 + epoch * 7_919
+            self._orders = {epoch: torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(seed))}
+        return self._orders[epoch]
 
     def rollout(self) -> Rollout:
         index, sample = self.prompt_indices(self.step)
@@ -193,7 +222,8 @@ class PPOTrainer:
                               self.stop_ids, self.decoder, self.force_response_length, sample_index=sample)
 
     def score(self, rollout: Rollout) -> Experience:
-        return score_rollout(self.model, rollout, self.scorer, self.runners["score"], self.ppo, self.score_moments)
+        return score_rollout(self.model, rollout, self.scorer, self.runners["score"], self.ppo, self.score_moments,
+                             gather if self.state.num_processes > 1 else None)
 
     def advantages(self, exp: Experience) -> Experience:
         ppo = self.ppo
@@ -244,14 +274,20 @@ class PPOTrainer:
         roles = [(params, torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
                  for params in (self.policy_params, self.value_params) if params]
         checked = torch.stack([*stats.values(), *(norm.to(self.model.device) for _, norm in roles)]).float()
-        if bool(torch.isfinite(checked).all()):
+        has_loss = exp.train_mask[rows].sum()  # every rank must decide alike: its gradients are averaged
+        has_loss = (reduce(has_loss.float(), "sum") if self.state.num_processes > 1 else has_loss) > 0
+        finite = torch.isfinite(checked).all()
+        if bool(finite & has_loss):
             self.nan_skips = 0
             for params, norm in roles:
                 torch.nn.utils.clip_grads_with_norm_(params, self.ppo.max_grad_norm, norm)
             self.optimizer.step()
             self.scheduler.step()
             return stats
-        self._skip_update()
+        if bool(finite):  # no response token carries loss: AdamW's moments would still move the weights
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._skip_update()
         # The schedule follows update slots, skipped or not: the learning rate of an update does not depend on how
         # many earlier ones were skipped. (torch warns when the very first slot is skipped; nothing is wrong then.)
         with warnings.catch_warnings():
@@ -303,6 +339,8 @@ class PPOTrainer:
             "objective/non_score_reward": non_score, "objective/rlhf_reward": exp.scores.mean() + non_score,
             "objective/scores": exp.scores.mean(), "objective/raw_scores": exp.raw_scores.mean(),
             "val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "val/response_length": mask.float().sum(1).mean(),
+            # the share of response tokens the update learns from (< 1 with mask_truncated_completions)
+            "policy/loss_token_share": exp.train_mask.sum() / mask.sum().clamp(min=1),
             **{k: torch.stack([u[k] for u in applied]).mean() for k in (applied[0] if applied else {})},
         }
         stacked = reduce(torch.stack([v.float().to(mask.device) for v in values.values()]), "mean")
