@@ -10,7 +10,10 @@ implementations:
     reinforce_pp  in the reward, per token: -beta * kl_t on every token + score on the last, returns-to-go,
                   whitened over the batch (OpenRLHF's REINFORCE++)
 
-The per-token advantage of grpo and rloo is the sequence's advantage on every response token. Shapes as in
+The per-token advantage of grpo and rloo is the sequence's advantage on every response token. The ratio is clipped
+per token for every algorithm (GRPO's form). TRL 1.16's RLOOTrainer clips once per sequence instead, the ratio of
+the whole response's probabilities; the two agree at ratio 1 (one update per rollout) and differ once a minibatch
+has moved the policy. Shapes as in
 experience.py: per-sequence [B], per-token [B, R] with a mask (1 = response token); rows of one prompt are
 `group_size` consecutive rows (PPOTrainer.prompt_indices).
 """
