@@ -1,4 +1,4 @@
-"""`lowrank-rlhf` (also `python -m lowrank_rlhf`): quickstart, train, plan, generate, eval, export, bench.
+"""`lowrank-rlhf` (also `python -m lowrank_rlhf`): quickstart, train, plan, generate, eval, compare, export, bench.
 
 User errors (a bad recipe key, a missing file, a budget below the floor...) print one line and exit with code 2;
 `--debug` shows the traceback instead.
@@ -110,6 +110,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare_runs, train_seeds
+
+    runs = [Path(r) for r in args.runs]
+    if args.train_from:
+        if not (args.recipe and args.seeds):
+            raise_config_error("compare --train-from needs --recipe and --seeds")
+        runs += train_seeds(Path(args.train_from), args.recipe, args.set or [], args.seeds, Path(args.out))
+    task = None if args.held_out else args.task
+    compare_runs(runs, Path(args.out), task, args.held_out, args.reward)
+    return 0
+
+
+def raise_config_error(message: str) -> None:
+    from .config import ConfigError
+
+    raise ConfigError(message)
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -177,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=0, help="use at most this many held-out rows; 0 = all")
     p.add_argument("--max-new-tokens", type=int, help="tokens per answer (default: the task's)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="RL vs SFT over seeds on a held-out set: per-seed gains, the mean gain with "
+                       "a 95%% interval and paired tests (JSON, markdown, plot)")
+    p.add_argument("runs", nargs="*", help="run directories, one RL seed each, all from one SFT adapter")
+    p.add_argument("--out", required=True, help="where compare.json, compare.md and compare.png go (and seed-N runs)")
+    p.add_argument("--task", default="clickbait", choices=("clickbait", "text2sql"), help="held-out set and metric")
+    p.add_argument("--held-out", help="instead: a prompts table (file, bundled:NAME or hub id)")
+    p.add_argument("--reward", action="append", help="with --held-out: a module:function scorer (the first is the "
+                   "compared metric)")
+    p.add_argument("--train-from", help="first run the RL stage per seed from a copy of this run (its sft, reward)")
+    p.add_argument("--recipe", help="with --train-from: the recipe of the RL stage")
+    p.add_argument("--seeds", type=int, nargs="+", help="with --train-from: the seeds, e.g. 0 1 2 3 4")
+    p.add_argument("--set", action="append", metavar="key=value", help="with --train-from: a recipe override")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="memory and speed: our one-base layout against the four-model layout")
     from . import bench

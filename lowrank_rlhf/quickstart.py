@@ -22,6 +22,7 @@ import torch
 
 from . import data
 from .config import ConfigError, RecipeConfig, load_recipe
+from .evaluation import TASKS
 from .models.loading import load_base
 from .pipeline import run_stages, stages_for
 from .models.roles import BASE, REFERENCE, RoleModel
@@ -173,7 +174,8 @@ def run_quickstart(output_dir: Path = Path("runs/quickstart"), smoke: bool = Fal
     trained = f"after {LABELS[algorithm]}"
 
     model = report_roles(cfg, run_dir)
-    held_out = data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples)
+    # the held-out set, never the recipe's eval_prompts: those (validation) chose RUN/best
+    held_out = data.load_prompts(TASKS["clickbait"][0], cfg.data.max_samples)
     texts = data.prompt_texts(held_out, model.tokenizer)
     prompts = data.encode_prompts(held_out, model.tokenizer, cfg.data.max_prompt_length, cfg.data.long_prompts)
     labels = held_out["label"]

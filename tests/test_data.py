@@ -1,6 +1,7 @@
 """Data loading and validation, prompt text and token ids, padding, and the bundled clickbait data."""
 
 import json
+import re
 import warnings
 
 import datasets
@@ -176,11 +177,13 @@ def test_bundled_files_have_the_right_columns_and_sizes():
     sft = load_sft("bundled:clickbait_sft")
     prefs = load_preferences("bundled:clickbait_preferences")
     prompts = load_prompts("bundled:clickbait_prompts")
+    val = load_prompts("bundled:clickbait_validation", name="data.eval_prompts")
     held = load_prompts("bundled:clickbait_heldout", name="data.eval_prompts")
     assert sft.column_names == ["prompt", "completion"]
     assert prefs.column_names == ["prompt", "chosen", "rejected", "kind"]
-    assert prompts.column_names == held.column_names == ["prompt", "label"]
-    assert len(sft) == len(prompts) == 240 and len(prefs) == 360 and len(held) == 60
+    assert prompts.column_names == val.column_names == held.column_names == ["prompt", "label"]
+    # RLHF's asymmetry: few demonstrations, comparisons on five times as many headlines, more RL prompts still
+    assert (len(sft), len(prefs), len(prompts), len(val), len(held)) == (48, 360, 500, 80, 320)
     row = sft[0]
     assert row["prompt"][0]["role"] == "user" and row["completion"][0] == {"role": "assistant",
                                                                              "content": row["completion"][0]["content"]}
@@ -194,24 +197,43 @@ def headline(prompt) -> str:
     return content[len(prefix):]
 
 
-def test_heldout_is_disjoint_and_both_splits_have_both_labels():
-    train = load_prompts("bundled:clickbait_prompts")
-    held = load_prompts("bundled:clickbait_heldout")
-    train_heads = {headline(p).lower() for p in train["prompt"]}
-    held_heads = {headline(p).lower() for p in held["prompt"]}
-    assert len(train_heads) == 240 and len(held_heads) == 60
-    assert not train_heads & held_heads
-    for split in (train, held):
-        counts = {label: split["label"].count(label) for label in ("yes", "no")}
-        assert set(split["label"]) == {"yes", "no"} and abs(counts["yes"] - counts["no"]) <= len(split) * 0.2
-    # SFT, preferences and PPO prompts cover the same training headlines, with the same answers
+def heads(table: str) -> dict[str, str]:
+    rows = load_prompts(f"bundled:{table}")
+    return {headline(p): label for p, label in zip(rows["prompt"], rows["label"])}
+
+
+def test_splits_are_disjoint_balanced_and_nested():
+    train, val, held = heads("clickbait_prompts"), heads("clickbait_validation"), heads("clickbait_heldout")
+    assert (len(train), len(val), len(held)) == (500, 80, 320)
+    assert not {h.lower() for h in train} & {h.lower() for h in held}
+    assert not {h.lower() for h in val} & ({h.lower() for h in held} | {h.lower() for h in train})
+    for split in (train, val, held):
+        assert list(split.values()).count("yes") == list(split.values()).count("no")  # balanced exactly
+    # demonstrations and comparisons are training headlines, with their answers
     sft = load_sft("bundled:clickbait_sft")
-    assert [headline(p) for p in sft["prompt"]] == [headline(p) for p in train["prompt"]]
-    assert [c[0]["content"] for c in sft["completion"]] == train["label"]
+    assert {headline(p): c[0]["content"] for p, c in zip(sft["prompt"], sft["completion"])}.items() <= train.items()
+    prefs = load_preferences("bundled:clickbait_preferences")
+    compared = {headline(p) for p in prefs["prompt"]}
+    assert len(compared) == 240 and compared <= set(train) and {headline(p) for p in sft["prompt"]} <= compared
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def test_no_headline_is_a_near_copy_of_another():
+    """Hand-written headlines in five splits: a near copy across splits would leak an answer into the held-out set.
+    Word-set Jaccard similarity of every pair stays below 0.5, and no two share their first five words."""
+    source = [json.loads(line)["headline"] for line in (D.BUNDLED_DIR / "clickbait_headlines.jsonl").open()]
+    sets = [words(h) for h in source]
+    worst = max(len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    assert worst < 0.5
+    openings = [" ".join(h.lower().split()[:5]) for h in source]
+    assert len(set(openings)) == len(openings)
 
 
 def test_preferences_reject_wrong_labels_and_rambling():
-    """Every training headline has a label pair (so a headline-blind ranking scores 50 % on them), balanced by
+    """Every compared headline has a label pair (so a headline-blind ranking scores 50 % on them), balanced by
     label; format pairs (rambling) come in addition, also balanced."""
     prefs = load_preferences("bundled:clickbait_preferences")
     counts = {}
@@ -223,15 +245,13 @@ def test_preferences_reject_wrong_labels_and_rambling():
             assert len(bad.split()) > 3
         counts[kind, good] = counts.get((kind, good), 0) + 1
     assert counts == {("label", "yes"): 120, ("label", "no"): 120, ("format", "yes"): 60, ("format", "no"): 60}
-    label_heads = {headline(p) for p, k in zip(prefs["prompt"], prefs["kind"]) if k == "label"}
-    assert label_heads == {headline(p) for p in load_prompts("bundled:clickbait_prompts")["prompt"]}
     assert len({r[0]["content"] for r in prefs["rejected"]}) > 10  # varied rambling
 
 
 def test_bundled_files_match_their_generator(tmp_path):
     counts = D.write_clickbait_files(tmp_path)
-    assert counts == {"clickbait_sft": 240, "clickbait_preferences": 360, "clickbait_prompts": 240,
-                      "clickbait_heldout": 60}
+    assert counts == {"clickbait_sft": 48, "clickbait_preferences": 360, "clickbait_prompts": 500,
+                      "clickbait_validation": 80, "clickbait_heldout": 320}
     for stem in counts:
         assert (tmp_path / f"{stem}.jsonl").read_text() == (D.BUNDLED_DIR / f"{stem}.jsonl").read_text(), stem
 
@@ -249,7 +269,7 @@ def test_prompt_texts_renders_chat_and_passes_strings(tokenizer):
 
 def test_prompt_texts_of_bundled_prompts(tokenizer):
     texts = prompt_texts(load_prompts("bundled:clickbait_heldout"), tokenizer)
-    assert len(texts) == 60
+    assert len(texts) == 320
     assert texts[0].startswith("user: Is this headline clickbait?") and texts[0].endswith("assistant: ")
 
 
@@ -326,6 +346,14 @@ def test_holdout_split():
     train, held = holdout_split(ds, 0.1)
     assert len(train) == 18 and len(held) == 2 and not set(train["x"]) & set(held["x"])
     assert holdout_split(ds, 0.0) == (ds, None)
+
+
+def test_holdout_split_keeps_every_pair_of_a_prompt_on_one_side():
+    prompts = [f"headline {i // 3}" for i in range(30)]  # 10 prompts, 3 pairs each
+    ds = datasets.Dataset.from_dict({"prompt": prompts, "chosen": ["yes"] * 30, "rejected": [str(i) for i in range(30)]})
+    train, held = holdout_split(ds, 0.2)
+    assert len(set(held["prompt"])) == 2 and len(held) == 6 and len(train) == 24
+    assert not set(train["prompt"]) & set(held["prompt"])
 
 
 def test_left_truncation_keeps_the_bos_token_and_says_what_the_cut_loses(tokenizer):

@@ -1,6 +1,18 @@
 """The bundled "clickbait test" of the quickstart: one hand-written source, clickbait_headlines.jsonl
-({"headline", "label"} rows), from which `write_clickbait_files` derives the four committed tables (SFT,
-preferences, PPO prompts, held-out prompts)."""
+({"headline", "label"} rows, 450 of each label), from which `write_clickbait_files` derives the committed tables.
+
+The split has RLHF's asymmetry (InstructGPT: ~13k demonstrations, ~33k comparisons, ~31k answer-free RL prompts):
+few demonstrations, many more comparisons, and answer-free RL prompts for every training headline. With SFT, reward
+model and RL all built from the same headlines, RL could only reshuffle what SFT already knew (the quickstart's PPO
+averaged exactly the SFT); here the reward model has seen five times the headlines SFT has.
+
+    clickbait_sft          48 demonstrations (24 per label)
+    clickbait_preferences  comparisons on 240 headlines (a superset of the demonstrations): a label pair each, a
+                           format pair for every second one
+    clickbait_prompts      500 RL prompts: every training headline, answer-free (the label column feeds eval metrics)
+    clickbait_validation   80 headlines for every choice (RUN/best, settings)
+    clickbait_heldout      320 headlines, never used for a choice: a 5-point paired gain is told from 0 at 95%
+"""
 
 from __future__ import annotations
 
@@ -14,9 +26,13 @@ from .tables import BUNDLED_DIR
 
 CLICKBAIT_PROMPT = "Is this headline clickbait? Answer yes or no.\nHeadline: {headline}"
 CLICKBAIT_SOURCE = "clickbait_headlines"  # {"headline", "label"} rows: the one hand-written source of the others
-CLICKBAIT_FILES = ("clickbait_sft", "clickbait_preferences", "clickbait_prompts", "clickbait_heldout")
-HELDOUT_EVERY = 5  # every 5th headline of each label is held out: 20 %, balanced
-FORMAT_PAIR_EVERY = 2  # every 2nd training headline of each label also gets a format pair
+CLICKBAIT_FILES = ("clickbait_sft", "clickbait_preferences", "clickbait_prompts", "clickbait_validation",
+                   "clickbait_heldout")
+# Per label, in the order of each headline's SHA-1 (which mixes the source's writing batches): the first HELDOUT are
+# held out, the next VALIDATION validate, the rest train; of those, the first DEMONSTRATIONS are demonstrations and
+# the first COMPARED get comparisons.
+PER_LABEL = {"heldout": 160, "validation": 40, "demonstrations": 24, "compared": 120}
+FORMAT_PAIR_EVERY = 2  # every 2nd compared headline of each label also gets a format pair
 
 # Rejected answers for the preference pairs that are not simply the wrong label: hedging, refusing to commit, or
 # the right answer buried in extra words, so the reward model learns "exactly yes or no", not only "correct".
@@ -48,53 +64,66 @@ def _order_key(headline: str) -> str:
 
 
 def build_clickbait_rows(headlines: Iterable[dict]) -> dict[str, list[dict]]:
-    """From {"headline", "label"} rows to the four bundled tables, deterministically.
+    """From {"headline", "label"} rows to the bundled tables, deterministically (see the module docstring).
 
-    Split: within each label, every HELDOUT_EVERY-th headline (in source order) is held out. Order: rows are sorted
-    by the SHA-1 of the headline, which mixes the labels. Preferences: every training headline gets a "label" pair
-    (the right label over the wrong one), so a reward model that ignores the headline cannot rank these pairs
-    better than chance; every FORMAT_PAIR_EVERY-th headline of each label also gets a "format" pair (the right label
-    over a rambling answer, RAMBLING_ANSWERS in turn). The `kind` column says which."""
+    Preferences: every compared headline gets a "label" pair (the right label over the wrong one), so a reward model
+    that ignores the headline cannot rank these pairs better than chance; every FORMAT_PAIR_EVERY-th of each label
+    also gets a "format" pair (the right label over a rambling answer, RAMBLING_ANSWERS in turn). The `kind` column
+    says which. Every table is sorted by the SHA-1 of the headline, which mixes the labels."""
     seen: set[str] = set()
-    per_label = {"yes": 0, "no": 0}
-    train, heldout = [], []
+    by_label: dict[str, list[str]] = {"yes": [], "no": []}
     for row in headlines:
         headline, label = row["headline"].strip(), row["label"]
-        if label not in per_label:
+        if label not in by_label:
             raise DataError(f"{CLICKBAIT_SOURCE}: label {label!r} of {headline!r}; allowed values: yes, no")
         if headline.lower() in seen:
             raise DataError(f"{CLICKBAIT_SOURCE}: duplicate headline {headline!r}")
         seen.add(headline.lower())
-        per_label[label] += 1
-        (heldout if per_label[label] % HELDOUT_EVERY == 0 else train).append((headline, label))
-    train.sort(key=lambda h: _order_key(h[0]))
-    heldout.sort(key=lambda h: _order_key(h[0]))
+        by_label[label].append(headline)
+    splits: dict[str, list[tuple[str, str]]] = {k: [] for k in ("heldout", "validation", "train")}
+    for label, heads in by_label.items():
+        heads = sorted(heads, key=_order_key)
+        n_held, n_val = PER_LABEL["heldout"], PER_LABEL["validation"]
+        if len(heads) <= n_held + n_val + PER_LABEL["compared"]:
+            raise DataError(f"{CLICKBAIT_SOURCE}: {len(heads)} {label!r} headlines; the splits need more than "
+                            f"{n_held + n_val + PER_LABEL['compared']}")
+        splits["heldout"] += [(h, label) for h in heads[:n_held]]
+        splits["validation"] += [(h, label) for h in heads[n_held:n_held + n_val]]
+        splits["train"] += [(h, label) for h in heads[n_held + n_val:]]
 
     def assistant(text: str) -> list[dict]:
         return [{"role": "assistant", "content": text}]
 
-    sft, prefs, prompts = [], [], []
-    seen_per_label = {"yes": 0, "no": 0}
+    sft, prefs = [], []
+    rank = {"yes": 0, "no": 0}  # a headline's place among the training headlines of its label (SHA-1 order)
     n_format = 0
-    for headline, label in train:
-        prompt = clickbait_prompt(headline)
-        sft.append({"prompt": prompt, "completion": assistant(label)})
+    for headline, label in sorted(splits["train"], key=lambda h: (h[1], _order_key(h[0]))):
+        prompt, place = clickbait_prompt(headline), rank[label]
+        rank[label] += 1
+        if place < PER_LABEL["demonstrations"]:
+            sft.append({"prompt": prompt, "completion": assistant(label)})
+        if place >= PER_LABEL["compared"]:
+            continue
         wrong = "no" if label == "yes" else "yes"
         prefs.append({"prompt": prompt, "chosen": assistant(label), "rejected": assistant(wrong), "kind": "label"})
-        if seen_per_label[label] % FORMAT_PAIR_EVERY == 0:  # balanced by label
+        if place % FORMAT_PAIR_EVERY == 0:  # balanced by label
             rambling = RAMBLING_ANSWERS[n_format % len(RAMBLING_ANSWERS)].format(answer=label,
                                                                                  Answer=label.capitalize())
             prefs.append({"prompt": prompt, "chosen": assistant(label), "rejected": assistant(rambling),
                           "kind": "format"})
             n_format += 1
-        seen_per_label[label] += 1
-        prompts.append({"prompt": prompt, "label": label})
-    held = [{"prompt": clickbait_prompt(h), "label": label} for h, label in heldout]
-    return dict(zip(CLICKBAIT_FILES, (sft, prefs, prompts, held)))
+
+    def by_hash(rows: list[dict]) -> list[dict]:
+        return sorted(rows, key=lambda r: _order_key(r["prompt"][0]["content"]))
+
+    def prompts(split: str) -> list[dict]:
+        return by_hash([{"prompt": clickbait_prompt(h), "label": label} for h, label in splits[split]])
+    tables = (by_hash(sft), by_hash(prefs), prompts("train"), prompts("validation"), prompts("heldout"))
+    return dict(zip(CLICKBAIT_FILES, tables))
 
 
 def write_clickbait_files(out_dir: str | Path = BUNDLED_DIR) -> dict[str, int]:
-    """(Re)generate the four clickbait_*.jsonl files from clickbait_headlines.jsonl; returns rows per file.
+    """(Re)generate the clickbait_*.jsonl tables from clickbait_headlines.jsonl; returns rows per file.
     The files are committed; a test checks they match this function's output."""
     source = BUNDLED_DIR / f"{CLICKBAIT_SOURCE}.jsonl"
     rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]

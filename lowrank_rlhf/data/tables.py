@@ -250,9 +250,19 @@ def load_prompts(source: str, max_samples: int = 0, name: str = "data.prompts") 
 
 def holdout_split(ds: datasets.Dataset, fraction: float, seed: int = 0
                   ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Split off `fraction` of the rows (at least one, leaving at least one) for evaluation; 0 = no split."""
-    if fraction <= 0 or len(ds) < 2:
+    """Split off `fraction` of the prompts (at least one, leaving at least one), with every row of each, for
+    evaluation; 0 = no split. By prompt, not by row: split by pair, a held-out pair shared its prompt and chosen
+    answer with a training pair (13 of 33 of the clickbait label pairs did) and the held-out accuracy flattered the
+    reward model. A table without a `prompt` column splits by row."""
+    keys = ([json.dumps(p, sort_keys=True) for p in ds["prompt"]] if "prompt" in ds.column_names
+            else list(range(len(ds))))
+    prompts = list(dict.fromkeys(keys))
+    if fraction <= 0 or len(prompts) < 2:
         return ds, None
-    n_eval = min(max(1, round(len(ds) * fraction)), len(ds) - 1)
-    parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
+    n_eval = min(max(1, round(len(prompts) * fraction)), len(prompts) - 1)
+    # datasets' own shuffle-and-split, over the distinct prompts
+    chosen = datasets.Dataset.from_dict({"i": list(range(len(prompts)))}).train_test_split(
+        test_size=n_eval, seed=seed, shuffle=True)["test"]["i"]
+    held = {prompts[i] for i in chosen}
+    return (ds.select([i for i, k in enumerate(keys) if k not in held]),
+            ds.select([i for i, k in enumerate(keys) if k in held]))
