@@ -44,16 +44,18 @@ def check_runs(runs: list[Path]) -> None:
                           "from one SFT adapter (copy one SFT run, as --train-from does)")
 
 
-def eval_report(run: Path, task: str | None, held_out: str | None, functions: list[str] | None) -> dict:
-    """RUN/eval-<name>.json when it is ours and for this held-out set, else a fresh evaluation."""
+def eval_report(run: Path, task: str | None, held_out: str | None, functions: list[str] | None,
+                models: tuple[str, ...]) -> dict:
+    """RUN/eval-<name>.json when it is ours, for this held-out set and has `models`' answers, else a fresh
+    evaluation of those models (the chat form only)."""
     source, specs, _ = resolve_task(task, held_out, functions)
     name = task or Path(source.replace("bundled:", "")).stem
     path = run / f"eval-{name}.json"
     if path.is_file() and MARKER in path.read_text(errors="replace")[:200]:
         report = json.loads(path.read_text())
-        if report["held_out"] == source and report["functions"] == specs:
+        if report["held_out"] == source and report["functions"] == specs and set(models) <= set(report["results"]):
             return report
-    return evaluate_run(run, task, held_out, functions)
+    return evaluate_run(run, task, held_out, functions, models=models, few_shot_rows=False)
 
 
 def per_prompt_scores(report: dict, label: str, spec: str, columns: dict) -> np.ndarray:
@@ -81,7 +83,9 @@ def compare_runs(runs: list[Path], out: Path, task: str | None = "clickbait", he
     check_runs(runs)
     check_out(out)
     source, specs, _ = resolve_task(task, held_out, functions)
-    reports = [eval_report(run, task, held_out, functions) for run in runs]
+    # base and SFT are the same in every run: answered once, in the first
+    reports = [eval_report(run, task, held_out, functions, ("base", "sft", "policy") if i == 0 else ("policy",))
+               for i, run in enumerate(runs)]
     table = data.load_prompts(source, name="--held-out")
     columns = {c: table[c] for c in table.column_names if c != "prompt"}
     spec = specs[0]

@@ -99,8 +99,10 @@ def load_run_roles(run_dir: Path, cfg) -> RoleModel:
 
 def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = None,
                  functions: list[str] | None = None, max_samples: int = 0, max_new_tokens: int | None = None,
-                 model: RoleModel | None = None) -> dict:
-    """Scores of base / sft / policy / best (those the run has) on the held-out set; writes RUN/eval-<name>.json."""
+                 model: RoleModel | None = None, models: tuple[str, ...] = ("base", "sft", "policy", "best"),
+                 few_shot_rows: bool = True) -> dict:
+    """Scores of base / sft / policy / best (those of `models` the run has) on the held-out set; writes
+    RUN/eval-<name>.json. `few_shot_rows=False` skips clickbait's few-shot form (compare needs only the chat form)."""
     from .inference import run_recipe
 
     run_dir = Path(run_dir)
@@ -117,8 +119,9 @@ def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = 
     texts = data.prompt_texts(table, model.tokenizer)
     prompts = data.encode_prompts(table, model.tokenizer, cfg.data.max_prompt_length, "truncate")
     columns = {c: table[c] for c in table.column_names if c != "prompt"}
-    wanted = {"base": BASE, "sft": "sft", "policy": "policy"}
-    few_shot_texts = few_shot_clickbait_prompts(list(table["prompt"])) if task == "clickbait" and not held_out else []
+    wanted = {k: v for k, v in {"base": BASE, "sft": "sft", "policy": "policy"}.items() if k in models}
+    few_shot_texts = (few_shot_clickbait_prompts(list(table["prompt"]))
+                      if task == "clickbait" and not held_out and few_shot_rows else [])
     few_shot = data.tokenize_prompts(few_shot_texts, model.tokenizer, cfg.model.max_length, "truncate",
                                      add_special_tokens=True) if few_shot_texts else None
     results = {}
@@ -133,7 +136,7 @@ def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = 
     for label, role in wanted.items():
         if role == BASE or (run_dir / role / "adapter_config.json").is_file():
             answer(label, role)
-    best = read_best(run_dir) if "policy" in results else None
+    best = read_best(run_dir) if "policy" in results and "best" in models else None
     if best:  # RUN/best: the policy RL chose on its eval prompts, answered with the policy adapter's slot
         model.load_adapter_weights("policy", run_dir / "best" / "policy")
         try:
