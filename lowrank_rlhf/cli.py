@@ -119,7 +119,7 @@ def cmd_compare(args) -> int:
             raise_config_error("compare --train-from needs --recipe and --seeds")
         runs += train_seeds(Path(args.train_from), args.recipe, args.set or [], args.seeds, Path(args.out))
     task = None if args.held_out else args.task
-    compare_runs(runs, Path(args.out), task, args.held_out, args.reward)
+    compare_runs(runs, Path(args.out), task, args.held_out, args.reward, policy=args.policy)
     return 0
 
 
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="with --train-from: the recipe of the RL stage")
     p.add_argument("--seeds", type=int, nargs="+", help="with --train-from: the seeds, e.g. 0 1 2 3 4")
     p.add_argument("--set", action="append", metavar="key=value", help="with --train-from: a recipe override")
+    p.add_argument("--policy", default="final", choices=("final", "best"), help="each seed's final RUN/policy, or "
+                   "RUN/best (chosen on the recipe's eval_prompts; refused when those are the held-out set)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="memory and speed: our one-base layout against the four-model layout")

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import data, paired_stats, rewards
 from .config import ConfigError
-from .evaluation import MARKER, evaluate_run, resolve_task
+from .evaluation import MARKER, evaluate_run, read_best, resolve_task
 
 RESULT_FILES = ("compare.json", "compare.md", "compare.png")
 
@@ -53,7 +53,10 @@ def eval_report(run: Path, task: str | None, held_out: str | None, functions: li
     path = run / f"eval-{name}.json"
     if path.is_file() and MARKER in path.read_text(errors="replace")[:200]:
         report = json.loads(path.read_text())
-        if report["held_out"] == source and report["functions"] == specs and set(models) <= set(report["results"]):
+        labels = set(report["results"])
+        has_best = any(label.startswith("best") for label in labels) or read_best(run) is None
+        if report["held_out"] == source and report["functions"] == specs and set(models) - {"best"} <= labels \
+                and has_best:
             return report
     return evaluate_run(run, task, held_out, functions, models=models, few_shot_rows=False)
 
@@ -77,28 +80,46 @@ def training_curve(run: Path) -> dict:
             "first_step": evals[0].get("step"), "last_step": evals[-1].get("step")}
 
 
+def policy_label(report: dict, policy: str) -> str:
+    """The eval row that stands for a seed's RL policy: the final one, or RUN/best (chosen on the run's
+    eval_prompts, which must not be the held-out set: eval's table says when they are)."""
+    if policy == "final":
+        return "policy"
+    best = [label for label in report["results"] if label.startswith("best")]
+    if not best:
+        raise ConfigError(f"compare --policy best: {report['run']} kept no RUN/best (set ppo.eval_steps and "
+                          f"data.eval_prompts to a validation set)")
+    if report["best"]["chosen_on"] == report["held_out"]:
+        raise ConfigError(f"compare --policy best: {report['run']}'s RUN/best was chosen on {report['held_out']}, "
+                          f"the held-out set itself; choose on a validation set")
+    return best[0]
+
+
 def compare_runs(runs: list[Path], out: Path, task: str | None = "clickbait", held_out: str | None = None,
-                 functions: list[str] | None = None, labels: list[str] | None = None) -> dict:
+                 functions: list[str] | None = None, labels: list[str] | None = None, policy: str = "final") -> dict:
     runs = [Path(r) for r in runs]
     check_runs(runs)
     check_out(out)
     source, specs, _ = resolve_task(task, held_out, functions)
     # base and SFT are the same in every run: answered once, in the first
-    reports = [eval_report(run, task, held_out, functions, ("base", "sft", "policy") if i == 0 else ("policy",))
+    reports = [eval_report(run, task, held_out, functions,
+                           ("base", "sft", "policy", "best") if i == 0 else ("policy", "best"))
                for i, run in enumerate(runs)]
     table = data.load_prompts(source, name="--held-out")
     columns = {c: table[c] for c in table.column_names if c != "prompt"}
     spec = specs[0]
     base = per_prompt_scores(reports[0], "base", spec, columns)
     sft = per_prompt_scores(reports[0], "sft", spec, columns)
-    rl = np.stack([per_prompt_scores(r, "policy", spec, columns) for r in reports])
+    chosen = [policy_label(r, policy) for r in reports]
+    rl = np.stack([per_prompt_scores(r, label, spec, columns) for r, label in zip(reports, chosen)])
     result = {"written_by": MARKER, **paired_stats.compare_scores(sft, rl)}
     result.update({"held_out": source, "metric": rewards.short_name(spec),
                    "base": float(base.mean()), "base_vs_sft": paired_stats.compare_scores(base, sft[None, :]),
-                   "runs": [str(r) for r in runs], "labels": labels or [r.name for r in runs],
+                   "runs": [str(r) for r in runs], "labels": labels or [r.name for r in runs], "policy": policy,
                    "training": [training_curve(r) for r in runs]})
-    for seed, report in zip(result["seeds"], reports):  # the other metrics, e.g. exactly yes/no
-        seed["all_metrics"] = report["results"]["policy"]["scores"]
+    for seed, report, label in zip(result["seeds"], reports, chosen):  # the other metrics, e.g. exactly yes/no
+        seed["all_metrics"] = report["results"][label]["scores"]
+        seed["policy"] = label
     result["sft_all_metrics"] = reports[0]["results"]["sft"]["scores"]
     result["base_all_metrics"] = reports[0]["results"]["base"]["scores"]
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +157,8 @@ def format_markdown(result: dict) -> str:
     lo, hi = result["ci95"]
     lines = [f"<!-- {MARKER} compare -->",
              f"{result['held_out']}: {n} held-out prompts, greedy; metric {metric}; "
-             f"{len(result['seeds'])} RL seeds from one SFT adapter",
+             f"{len(result['seeds'])} RL seeds from one SFT adapter; RL = each run's "
+             f"{'final policy' if result['policy'] == 'final' else 'RUN/best, chosen on validation'}",
              "", "| model | seed | " + metric + " | gain over SFT (points) | 95% interval | McNemar p |",
              "|---|---|---|---|---|---|",
              f"| base | | {_pct(result['base'])} | {_pts(result['base'] - result['sft'])} | | |",

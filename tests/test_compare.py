@@ -81,7 +81,8 @@ def test_compare_trains_each_seed_from_one_sft_and_reports_the_paired_gain(tmp_p
     assert main(["train", tiny, "--stage", "reward", "--output-dir", str(shared)]) == 0
     args = ["compare", "--out", str(out), "--held-out", "bundled:clickbait_validation", "--reward",
             "lowrank_rlhf.rewards:clickbait_accuracy", "--train-from", str(shared), "--recipe", tiny,
-            "--seeds", "0", "1", "--set", "ppo.total_steps=1", "--set", "data.max_samples=8"]
+            "--seeds", "0", "1", "--set", "ppo.total_steps=1", "--set", "data.max_samples=8",
+            "--set", "ppo.eval_steps=1", "--set", "data.eval_prompts=bundled:clickbait_prompts"]
     assert main(args) == 0
     result = json.loads((out / "compare.json").read_text())
     assert result["labels"] == ["seed-0", "seed-1"] and result["prompts"] == 80
@@ -89,5 +90,19 @@ def test_compare_trains_each_seed_from_one_sft_and_reports_the_paired_gain(tmp_p
     assert (out / "compare.png").stat().st_size > 0 and "RL, mean" in (out / "compare.md").read_text()
     assert (out / "seed-1" / "recipe.yaml").read_text().count("seed: 1") == 1
     stamp = (out / "seed-0" / "policy" / "adapter_model.safetensors").stat().st_mtime_ns
-    assert main(args) == 0  # finished seeds are kept, not retrained
+    assert main(args + ["--policy", "best"]) == 0  # finished seeds are kept, not retrained
     assert (out / "seed-0" / "policy" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    best = json.loads((out / "compare.json").read_text())
+    assert best["policy"] == "best" and all(s["policy"].startswith("best (step ") for s in best["seeds"])
+
+
+def test_best_is_refused_when_it_was_chosen_on_the_held_out_set():
+    from lowrank_rlhf.compare import policy_label
+    from lowrank_rlhf.config import ConfigError
+
+    report = {"run": "R", "held_out": "bundled:clickbait_heldout", "results": {"policy": {}, "best (step 6)": {}},
+              "best": {"chosen_on": "bundled:clickbait_validation"}}
+    assert policy_label(report, "best") == "best (step 6)" and policy_label(report, "final") == "policy"
+    report["best"]["chosen_on"] = "bundled:clickbait_heldout"
+    with pytest.raises(ConfigError, match="chosen on bundled:clickbait_heldout, the held-out set itself"):
+        policy_label(report, "best")
