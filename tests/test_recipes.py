@@ -123,3 +123,13 @@ def test_grpo_recipes_plan_no_critic_and_whole_groups(name):
     assert (adapters.n_trainable, adapters.n_trainable_heads) == (1, 0)
     ppo = plan_recipe(load_recipe(RECIPES / name, ["ppo.algorithm=ppo"]))
     assert plan_recipe(cfg).floor_bytes < ppo.floor_bytes
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_no_recipe_chooses_its_best_policy_on_a_held_out_set(name):
+    """RUN/best is chosen on data.eval_prompts; the quickstart chose it on clickbait_heldout, the very set the report
+    and `eval` score, so its best row was not a held-out number."""
+    from lowrank_rlhf.evaluation import TASKS
+
+    held_out_sets = {table for table, _, _ in TASKS.values()}
+    assert load_recipe(RECIPES / name).data.eval_prompts not in held_out_sets
