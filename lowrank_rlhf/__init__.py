@@ -1,24 +1,41 @@
-"""lowrank_rlhf: RLHF (SFT -> reward model -> PPO) for LLaMA-family models on one consumer GPU.
+"""lowrank_rlhf: RLHF (SFT -> reward model -> online RL) for LLaMA-family models on one consumer GPU.
 
 One 4-bit or 8-bit base is loaded once; LoRA adapters on it play every role (policy, value, reward, the frozen SFT
-reference). The PPO loop plans micro-batches to fit the card and recovers from out-of-memory errors.
+reference). The RL loop plans micro-batches to fit the card and recovers from out-of-memory errors.
+
+The public names below are imported on first use (PEP 562 `__getattr__`), so `import lowrank_rlhf` and the CLI's
+`--help` do not pay for importing torch and transformers.
 """
 
-from .config import ConfigError, RecipeConfig, load_recipe
-from .memory.plan import MemoryBudgetError, MemoryPlan
-from .memory.shapes import ModelShape
-from .models.builtin import build_smollm2, build_tiny_llama
-from .models.loading import load_base
-from .pipeline import build_trainer, load_roles, run_stages
-from .memory.plan import plan_recipe
-from .models.roles import BASE, REFERENCE, RoleModel
-from .rl.experience import Rollout
-from .rl.trainer import PPOTrainer
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BASE", "REFERENCE", "ConfigError", "MemoryBudgetError", "MemoryPlan", "ModelShape", "PPOTrainer",
-    "RecipeConfig", "RoleModel", "Rollout", "build_smollm2", "build_tiny_llama", "build_trainer", "load_base",
-    "load_recipe", "load_roles", "plan_recipe", "run_stages",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "ConfigError": "config", "RecipeConfig": "config", "load_recipe": "config",
+    "MemoryBudgetError": "memory.plan", "MemoryPlan": "memory.plan", "plan_recipe": "memory.plan",
+    "ModelShape": "memory.shapes",
+    "build_smollm2": "models.builtin", "build_tiny_llama": "models.builtin",
+    "load_base": "models.loading",
+    "build_trainer": "pipeline", "load_roles": "pipeline", "run_stages": "pipeline",
+    "BASE": "models.roles", "REFERENCE": "models.roles", "RoleModel": "models.roles",
+    "Rollout": "rl.experience",
+    "PPOTrainer": "rl.trainer",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'lowrank_rlhf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -214,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="memory and speed: our one-base layout against the four-model layout")
-    from . import bench
+    from .bench import args as bench_args
 
-    bench.add_arguments(p)
+    bench_args.add_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

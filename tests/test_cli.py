@@ -154,6 +154,29 @@ def test_help_works_on_every_command(command, capsys):
     assert "usage: lowrank-rlhf" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["", "train", "compare", "bench"])
+def test_help_imports_neither_torch_nor_transformers(command):
+    """--help stays fast because it never imports the heavy libraries (they took ~6 s of a 10 s --help)."""
+    code = ("import sys\nfrom lowrank_rlhf.cli import main\n"
+            f"try:\n    main({[a for a in (command, '--help') if a]!r})\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules)\n"
+            "print('HEAVY', heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: lowrank-rlhf" in result.stdout
+    assert "HEAVY []" in result.stdout
+
+
+def test_the_package_still_offers_its_public_names():
+    import lowrank_rlhf
+
+    assert set(lowrank_rlhf.__all__) <= set(dir(lowrank_rlhf))
+    for name in lowrank_rlhf.__all__:
+        assert getattr(lowrank_rlhf, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        lowrank_rlhf.nonexistent  # noqa: B018
+
+
 def write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)

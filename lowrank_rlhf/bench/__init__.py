@@ -30,9 +30,19 @@ memory bandwidth), peak RSS, median step time; then the ratios ours / four-model
 against the targets.
 """
 
+import importlib
+
 from .args import LAYOUTS, add_arguments, parse_layouts, parse_micro_batch
-from .main import main, run, run_bench
-from .measure import LAYOUT_KEYS
+
+# imported on first use: the CLI reads the bench's flags (args.py) without importing torch for `--help`
+_LAZY = {"main": "main", "run": "main", "run_bench": "main", "LAYOUT_KEYS": "measure"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
 
 __all__ = ["LAYOUTS", "LAYOUT_KEYS", "add_arguments", "main", "parse_layouts", "parse_micro_batch", "run",
            "run_bench"]

@@ -143,6 +143,8 @@ KNOWN_SHAPES = {
     "llama3.1-8b": LLAMA31_8B,
     "Qwen/Qwen3-8B": QWEN3_8B, "Qwen/Qwen3-8B-Base": QWEN3_8B, "qwen3-8b": QWEN3_8B,
 }
+# the names without a hub organisation: the random-weight models the bench builds (models/random_llama.py)
+SHORT_NAMES = tuple(name for name in KNOWN_SHAPES if "/" not in name)
 
 
 # --------------------------------------------------------------------------- LoRA targets

@@ -26,13 +26,13 @@ from torch import nn
 from transformers import (BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedConfig,
                           PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
-from ..memory.shapes import KNOWN_SHAPES
+from ..memory.shapes import KNOWN_SHAPES, SHORT_NAMES
 from .loading import keep_one_cpu_4bit_path, quantization_config
 
 log = logging.getLogger(__name__)
 
 # Every short name of memory/shapes.py's table (the one place for model shapes) can be built.
-RANDOM_MODELS = tuple(name for name in KNOWN_SHAPES if "/" not in name)
+RANDOM_MODELS = SHORT_NAMES
 
 # The rest of each family's published config.json, by name prefix (the shapes come from memory/shapes.py). Token ids
 # are the random tokenizer's (<unk>=pad 0, <s> 1, </s> 2) for every family: the bench feeds random ids and forces the
