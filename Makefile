@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test test-gpu clean
+.PHONY: install quickstart test test-fast lint test-gpu clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,16 @@ install: $(VENV)/.installed
 quickstart: install
 	$(PY) -m lowrank_rlhf quickstart --overwrite
 
-test: install
+# the full suite, after the linter (what CI runs)
+test: install lint
 	$(PY) -m pytest -q
+
+# the fast lane (< 3 min on 2 cores): everything but the tests marked slow (end-to-end runs, notebooks)
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(PY) -m ruff check .
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu

@@ -14,27 +14,27 @@ import sys
 import threading
 from pathlib import Path
 
-from .signals import raise_interrupted
+from .run.signals import raise_interrupted
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that a user's input causes and one line explains; anything else is a bug and keeps its traceback."""
-    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .memory.plan import MemoryBudgetError
-    from .memory.runner import MicroBatchOOMError
-    from .run_dir import RunDirError
+    from .models.runner import MicroBatchOOMError
     from .rewards import RewardFunctionError
-    from .models.run_metadata import BaseMismatchError
     from .rl.trainer import NonFiniteError
+    from .run.checkpoint import CheckpointError
+    from .run.directory import RunDirError
+    from .run.metadata import BaseMismatchError
 
     return (ConfigError, DataError, RewardFunctionError, MemoryBudgetError, MicroBatchOOMError, BaseMismatchError,
             RunDirError, CheckpointError, NonFiniteError, OSError)  # OSError: a full disk, a missing file
 
 
 def cmd_quickstart(args) -> int:
-    from .quickstart import run_quickstart
+    from .commands.quickstart import run_quickstart
 
     run_quickstart(output_dir=Path(args.output_dir), smoke=args.smoke, overwrite=args.overwrite,
                    algorithm=args.algorithm)
@@ -87,7 +87,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .inference import generate_from_run
+    from .commands.inference import generate_from_run
 
     for text in generate_from_run(Path(args.run), args.prompt, role=args.role, max_new_tokens=args.max_new_tokens):
         print(text)
@@ -95,7 +95,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
+    from .commands.export import export_run
 
     out = export_run(Path(args.run), Path(args.out), merge=args.merge or bool(args.merge_into),
                      overwrite=args.overwrite, merge_into=args.merge_into or "dequantized")
@@ -104,14 +104,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate_run
+    from .commands.evaluation import evaluate_run
 
     evaluate_run(Path(args.run), args.task, args.held_out, args.reward, args.max_samples, args.max_new_tokens)
     return 0
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare_runs, train_seeds
+    from .commands.compare import compare_runs, train_seeds
 
     runs = [Path(r) for r in args.runs]
     if args.train_from:
@@ -127,6 +127,16 @@ def raise_config_error(message: str) -> None:
     from .config import ConfigError
 
     raise ConfigError(message)
+
+
+def cmd_config(args) -> int:
+    from .commands.config_reference import reference, write_reference
+
+    if args.out:
+        print(f"wrote {write_reference(Path(args.out))}")
+    else:
+        print(reference(), end="")
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -161,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = recipe_command(sub, "train", "run a recipe's stages", cmd_train)
-    p.add_argument("--stage", default="all", choices=("sft", "reward", "ppo", "dpo", "all"),
-                   help="stage(s) to run; all = sft, reward, ppo (online RL: ppo.algorithm), or sft, dpo with "
-                   "dpo.enabled=true")
+    p.add_argument("--stage", default="all", choices=("sft", "reward", "rl", "ppo", "dpo", "all"),
+                   help="stage(s) to run; rl = online RL with ppo.algorithm (ppo, grpo, rloo, reinforce_pp; 'ppo' is "
+                   "the same stage under its old name); all = sft, reward, rl, or sft, dpo with dpo.enabled=true")
     p.add_argument("--output-dir", help="run directory; overrides the recipe's run_dir")
     p.add_argument("--overwrite", action="store_true", help="replace this stage's existing results")
 
@@ -212,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="final", choices=("final", "best"), help="each seed's final RUN/policy, or "
                    "RUN/best (chosen on the recipe's eval_prompts; refused when those are the held-out set)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("config", help="every recipe key with its type, default, allowed values and help (markdown)")
+    p.add_argument("--out", help="write it to this file (e.g. docs/config.md) instead of printing it")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="memory and speed: our one-base layout against the four-model layout")
     from .bench import args as bench_args

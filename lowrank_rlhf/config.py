@@ -36,7 +36,8 @@ class ModelConfig:
     quantization: str = opt("4bit", "how the shared base is stored", choices=("4bit", "8bit", "none"))
     dtype: str = opt("auto", "compute dtype; auto = bfloat16 on CUDA, float32 on CPU",
                      choices=("auto", "bfloat16", "float16", "float32"))
-    device: str = opt("auto", "where the base lives; auto = cuda if available else cpu", choices=("auto", "cuda", "cpu"))
+    device: str = opt("auto", "where the base lives; auto = cuda if available else cpu",
+                      choices=("auto", "cuda", "cpu"))
     trust_remote_code: bool = opt(False, "run model code from the hub; off unless a recipe turns it on")
     max_length: int = opt(1024, "longest prompt + response the model is asked to handle", low=8)
 
@@ -132,13 +133,17 @@ class RewardsConfig:
                                   "error naming it; null = no limit", low=0.001)
 
 
+GROUP_DEFAULT_GENERATIONS = 4  # grpo/rloo's samples per prompt when a recipe does not say
+
+
 @dataclass
 class PPOConfig:
     total_steps: int = opt(10, "PPO steps (one rollout batch each)", low=1)
     rollout_batch_size: int = opt(8, "responses generated and scored per PPO step", low=1)
     num_generations: int = opt(1, "responses sampled per prompt (TRL's name); rollout_batch_size must be divisible "
-                               "by it; grpo and rloo need >= 2 (the other samples of a prompt are the baseline)",
-                               low=1)
+                               "by it; grpo and rloo need >= 2 (the other samples of a prompt are the baseline): "
+                               f"left unset, they take {GROUP_DEFAULT_GENERATIONS} (or 2 where the batch is not "
+                               "divisible by it)", low=1)
     algorithm: str = opt("ppo", "ppo = GAE with a critic (kl_coef, cliprange); grpo = group-normalised advantages, KL "
                          "in the loss; rloo = leave-one-out baseline; reinforce_pp = batch-whitened returns, KL in "
                          "the reward. The last three load, plan and save no value role (rl/algorithms.py)",
@@ -188,7 +193,8 @@ class PPOConfig:
                                    "many response tokens at a time, so a 128k-152k vocabulary costs a chunk, not a "
                                    "micro-batch; 0 = the whole micro-batch at once", low=0)
     value_learning_rate: float = opt(1e-5, "value adapter and head learning rate", low=0.0)
-    lr_scheduler_type: str = opt("linear", "learning-rate schedule over all PPO updates", choices=("linear", "constant"))
+    lr_scheduler_type: str = opt("linear", "learning-rate schedule over all PPO updates",
+                                 choices=("linear", "constant"))
     max_grad_norm: float = opt(1.0, "gradient clipping norm, applied to each role", low=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay; it pulls adapters toward the base, not the reference, so 0 "
                               "(as TRL)", low=0.0)
@@ -286,7 +292,10 @@ def build(cls: type, data: dict | None, where: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = build(tp, data[name], f"{path}.")
         else:
-            value = _coerce(data[name], tp, path)
+            value = data[name]
+            if isinstance(value, bool) and {"on", "off"} <= set(f.metadata.get("choices") or ()):
+                value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (yes/no) as a boolean
+            value = _coerce(value, tp, path)
             _check_range(value, f.metadata, path)
             kwargs[name] = value
     return cls(**kwargs)
@@ -320,6 +329,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _rl_as_ppo(data: dict, label: str) -> dict:
+    """`rl:` is the online-RL section by its own name (it runs grpo, rloo and reinforce_pp too); its keys are TRL's
+    and live in PPOConfig, whose old section name `ppo:` stays accepted."""
+    if not isinstance(data, dict) or "rl" not in data:
+        return data
+    if "ppo" in data:
+        raise ConfigError(f"{label}: rl and ppo are the same section (online RL); use one of them")
+    return {("ppo" if key == "rl" else key): value for key, value in data.items()}
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:
     """Read a recipe YAML (or defaults when path is None), apply key=value overrides, validate strictly."""
     data: dict = {}
@@ -333,12 +352,57 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{label}: not valid YAML ({str(err).splitlines()[0]})") from None
-    data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(_rl_as_ppo(data, label), _rl_as_ppo(parse_overrides(overrides or []), "overrides"))
     try:
-        return build(RecipeConfig, data)
+        cfg = build(RecipeConfig, data)
     except ConfigError as err:
         raise ConfigError(f"{label}: {err}") from None
+    ppo_keys = data.get("ppo") if isinstance(data.get("ppo"), dict) else {}
+    if cfg.ppo.algorithm in GROUP_BASELINES and "num_generations" not in ppo_keys:
+        # as TRL's GRPOConfig, a group algorithm works without naming its group size
+        divisible = cfg.ppo.rollout_batch_size % GROUP_DEFAULT_GENERATIONS == 0
+        cfg.ppo.num_generations = GROUP_DEFAULT_GENERATIONS if divisible else 2
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- algorithm rules
+# Which algorithm needs a critic, a reference forward or its own old-logprob forward: read by the planner (memory),
+# the trainer (rl) and the preflight alike, so they live with the config they interpret.
+CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
+GROUP_BASELINES = ("grpo", "rloo")  # need num_generations >= 2
+
+
+def has_critic(algorithm: str) -> bool:
+    return algorithm not in CRITIC_FREE
+
+
+def needs_reference(ppo: PPOConfig) -> bool:
+    """PPO always measures KL; the critic-free algorithms skip the reference forward when beta is 0 (as TRL)."""
+    return has_critic(ppo.algorithm) or ppo.beta > 0
+
+
+def kl_in_loss(ppo: PPOConfig) -> bool:
+    return ppo.algorithm == "grpo" and ppo.beta > 0
+
+
+def old_logprobs_from_update(ppo: PPOConfig) -> bool:
+    """One update per rollout (one epoch, one minibatch) and no KL in the reward: the policy being updated IS the
+    one that sampled, so the ratio is exactly 1 and the "old" logprobs are the update's own forward, detached.
+    The score phase then skips its policy forward (TRL's GRPOTrainer skips it likewise when num_iterations=1); the
+    update writes those logprobs back for the step's metrics. rloo/reinforce_pp with beta > 0 need the policy's
+    logprobs before the update (their KL goes into the reward), so they keep the forward."""
+    return (not has_critic(ppo.algorithm) and ppo.num_ppo_epochs == 1 and ppo.num_mini_batches == 1
+            and (ppo.beta == 0 or kl_in_loss(ppo)))
+
+
+def check_algorithm(ppo: PPOConfig) -> None:
+    if ppo.algorithm in GROUP_BASELINES and ppo.num_generations < 2:
+        raise ConfigError(f"ppo.num_generations: {ppo.algorithm} needs at least 2 samples per prompt (the others "
+                          f"are its baseline), got {ppo.num_generations}")
+    if ppo.mask_truncated_completions and ppo.stop_token == ["none"]:
+        raise ConfigError("ppo.mask_truncated_completions: with ppo.stop_token=[none] no response has a stop token, "
+                          "so every loss would be masked; set ppo.stop_token (eos or token strings) or turn it off")

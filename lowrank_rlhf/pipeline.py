@@ -21,21 +21,22 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint as ckpt
-from . import data
-from . import resume_guard, rewards, run_lock
+from . import data, rewards
 from .config import ConfigError, RecipeConfig, to_dict
-from .memory.shapes import ModelShape
-from .models.loading import check_llama_family, load_base, load_tokenizer, resolve_model_path
 from .memory.plan import enforce_budget, gradient_checkpointing, micro_batches, plan_recipe
+from .models.loading import check_llama_family, load_base, load_tokenizer, resolve_model_path
 from .models.roles import RoleModel
-from .models.run_metadata import META_FILE, check_base, read_run_metadata
+from .models.shapes import ModelShape
 from .rewards import Scorer
 from .rl.algorithms import check_algorithm, has_critic
 from .rl.health import HeldOutEval
 from .rl.rollout import stop_token_ids
 from .rl.trainer import PPOTrainer
-from .run_dir import RUN_FILES, RunDirError, check_writable, claim
+from .run import checkpoint as ckpt
+from .run import lock as run_lock
+from .run import resume_guard
+from .run.directory import RUN_FILES, RunDirError, check_writable, claim
+from .run.metadata import META_FILE, check_base, read_run_metadata
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "reward", "ppo", "dpo")
@@ -47,8 +48,10 @@ def stages_for(cfg: RecipeConfig, stage: str = "all") -> list[str]:
     """`--stage all`: sft -> reward -> ppo (online RL), or sft -> dpo when dpo.enabled; else the one stage named."""
     if stage == "all":
         return ["sft", "dpo"] if cfg.dpo.enabled else ["sft", "reward", "ppo"]
+    if stage == "rl":  # online RL by its own name; "ppo" names the same stage whatever ppo.algorithm is
+        return ["ppo"]
     if stage not in STAGES:
-        raise ConfigError(f"--stage: unknown stage {stage!r}; allowed values: {', '.join(STAGES)}, all")
+        raise ConfigError(f"--stage: unknown stage {stage!r}; allowed values: {', '.join(STAGES)}, rl, all")
     return [stage]
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # PPO vs GRPO vs RLOO vs REINFORCE++ vs DPO on the quickstart (clickbait, SmolLM2-135M-Instruct in 4-bit), from ONE
 # SFT adapter and ONE reward model, so the rows differ only in the algorithm. Each algorithm's stage uses the
-# quickstart's own overrides (lowrank_rlhf.quickstart.ALGORITHMS); `lowrank-rlhf quickstart --algorithm X` runs the
+# quickstart's own overrides (lowrank_rlhf.commands.quickstart.ALGORITHMS); `lowrank-rlhf quickstart --algorithm X` runs the
 # same settings end to end (with its own SFT and reward model).
 # Usage: bash scripts/compare_algorithms.sh [OUT_DIR]   (default runs/compare; writes OUT_DIR/algorithms.{json,md})
 #   ALGORITHMS="ppo grpo" picks the rows; SEEDS="0 1 2" repeats each algorithm's stage with seed=N (prompt order,
@@ -29,7 +29,7 @@ for alg in ${ALGORITHMS:-ppo grpo rloo reinforce_pp dpo}; do
     fi
     cp -r "$OUT/shared" "$OUT/$name"
     mapfile -t overrides < <(.venv/bin/python -c \
-      "from lowrank_rlhf.quickstart import ALGORITHMS; [print(o) for o in ALGORITHMS['$alg']]")
+      "from lowrank_rlhf.commands.quickstart import ALGORITHMS; [print(o) for o in ALGORITHMS['$alg']]")
     stage=ppo; [ "$alg" = dpo ] && stage=dpo
     timed "$name" "${CLI[@]}" train "$RECIPE" --stage "$stage" --output-dir "$OUT/$name" "seed=$seed" "${overrides[@]}"
     "${CLI[@]}" eval "$OUT/$name" --task clickbait > "$OUT/$name-eval.log" 2>&1

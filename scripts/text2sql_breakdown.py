@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from lowrank_rlhf.commands.inference import load_run
 from lowrank_rlhf.data.chat import left_pad, prompt_ids
 from lowrank_rlhf.data.tables import BUNDLED_DIR
 from lowrank_rlhf.data.text2sql import TEMPLATES, template_of
-from lowrank_rlhf.inference import load_run
-from lowrank_rlhf.sql_reward import sql_execution
+from lowrank_rlhf.rewards.sql import sql_execution
 
 
 def answers(model, role: str, rows: list[dict], samples: int, temperature: float, batch: int = 8):

@@ -143,8 +143,7 @@ def test_unknown_loss_type_names_the_allowed_ones():
 # --------------------------------------------------------------------------- the PPO guarantees, critic-free
 # KL 0 at step 0, micro-batch invariance and exact resume per algorithm are in tests/test_trainer.py; kill -9 then
 # resume in tests/test_reliability.py. Here: OOM recovery and two ranks, for every critic-free algorithm.
-from test_trainer import (CRITIC_FREE, adapter_weights, assert_same, critic_free, make_trainer,  # noqa: E402
-                          mean_token_id)
+from test_trainer import CRITIC_FREE, adapter_weights, assert_same, critic_free, make_trainer, mean_token_id  # noqa: E402
 
 
 @pytest.mark.parametrize("algorithm", CRITIC_FREE)
@@ -182,7 +181,8 @@ mask = torch.ones(8, 3)
 mask[1, 2:] = mask[6, 1:] = 0
 mine = slice(4 * rank, 4 * rank + 4)
 batch_error = max(
-    (alg.group_advantages(scores[mine], 2, "batch", total) - alg.group_advantages(scores, 2, "batch")[mine]).abs().max(),
+    (alg.group_advantages(scores[mine], 2, "batch", total)
+     - alg.group_advantages(scores, 2, "batch")[mine]).abs().max(),
     (alg.masked_whiten_across_ranks(tokens[mine], mask[mine], total)
      - alg.masked_whiten_across_ranks(tokens, mask)[mine]).abs().max())
 torch.save({{"flat": torch.cat([t.flatten() for t in after.values()]), "groups": groups, "batch_error": batch_error,

@@ -9,16 +9,23 @@ import torch
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
 from lowrank_rlhf import bench
-from lowrank_rlhf.config import load_recipe
 from lowrank_rlhf.bench.four_model import FourModelRoles, plan_four_model, predicted_peaks
+from lowrank_rlhf.config import load_recipe
 from lowrank_rlhf.memory.estimate import weight_bytes
 from lowrank_rlhf.memory.plan import MemoryBudgetError
-from lowrank_rlhf.memory.shapes import LLAMA2_7B, LLAMA2_13B, ModelShape, lora_params
 from lowrank_rlhf.models.builtin import tiny_llama_config
 from lowrank_rlhf.models.loading import load_base
-from lowrank_rlhf.models.random_llama import (DECODER_LINEARS, RANDOM_MODELS, build_random_llama, llama_config,
-                                              model_class, model_weight_bytes, random_config)
+from lowrank_rlhf.models.random_llama import (
+    DECODER_LINEARS,
+    RANDOM_MODELS,
+    build_random_llama,
+    llama_config,
+    model_class,
+    model_weight_bytes,
+    random_config,
+)
 from lowrank_rlhf.models.roles import RoleModel
+from lowrank_rlhf.models.shapes import LLAMA2_7B, LLAMA2_13B, ModelShape, lora_params
 from lowrank_rlhf.rl.trainer import PPOTrainer
 
 
@@ -354,7 +361,7 @@ def test_every_short_name_of_the_planners_table_is_a_random_model_with_its_shape
     from accelerate import init_empty_weights
     from transformers import Qwen3ForCausalLM
 
-    from lowrank_rlhf.memory.shapes import KNOWN_SHAPES
+    from lowrank_rlhf.models.shapes import KNOWN_SHAPES
 
     assert set(RANDOM_MODELS) == {n for n in KNOWN_SHAPES if "/" not in n} >= {
         "llama2-7b", "llama2-13b", "llama-33b", "llama-65b", "llama2-70b", "llama3.1-8b", "qwen3-8b"}

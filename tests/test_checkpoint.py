@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lowrank_rlhf import checkpoint as ckpt
+from lowrank_rlhf.run import checkpoint as ckpt
+
 MODES = [pytest.param(dict(), id="checkpoint"),
          pytest.param(dict(manifest=False), id="adapter"),
          pytest.param(dict(manifest=False, replace_existing=False), id="model-cache")]

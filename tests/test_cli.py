@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import error_line
 from lowrank_rlhf.cli import build_parser, main
+from lowrank_rlhf.commands.inference import load_run
 from lowrank_rlhf.config import ModelConfig
-from lowrank_rlhf.inference import load_run
 from lowrank_rlhf.models.loading import load_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_export_merge_into_original_warns_and_merges_into_the_unquantized_weight
     """--merge-into original: the policy merged into the original (unquantized) weights, with a warning that the
     adapter never saw them; its logits are the adapter's on the unquantized base, not on the 4-bit one."""
     run = run_with_a_strong_policy(tiny_run, tmp_path)
-    with caplog.at_level("WARNING", logger="lowrank_rlhf.export"):
+    with caplog.at_level("WARNING", logger="lowrank_rlhf.commands.export"):
         assert main(["export", str(run), "--out", str(tmp_path / "orig"), "--merge-into", "original"]) == 0
     assert "--merge-into original: merging into the unquantized weights of tiny-llama" in caplog.text
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "orig", dtype=torch.float32)

@@ -6,10 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from lowrank_rlhf import paired_stats
-from lowrank_rlhf.cli import main
-
 from conftest import error_line
+from lowrank_rlhf.cli import main
+from lowrank_rlhf.commands import paired_stats
 
 
 def test_a_clear_gain_has_an_interval_above_zero_and_small_p_values():
@@ -97,7 +96,7 @@ def test_compare_trains_each_seed_from_one_sft_and_reports_the_paired_gain(tmp_p
 
 
 def test_best_is_refused_when_it_was_chosen_on_the_held_out_set():
-    from lowrank_rlhf.compare import policy_label
+    from lowrank_rlhf.commands.compare import policy_label
     from lowrank_rlhf.config import ConfigError
 
     report = {"run": "R", "held_out": "bundled:clickbait_heldout", "results": {"policy": {}, "best (step 6)": {}},

@@ -9,9 +9,22 @@ import pytest
 import torch
 
 from lowrank_rlhf import data as D
-from lowrank_rlhf.data import (CLICKBAIT_PROMPT, DataError, bundled_names, completion_text, encode_prompts,
-                               holdout_split, left_pad, load_preferences, load_prompts, load_sft, load_table,
-                               normalize_answer, prompt_texts, tokenize_prompts)
+from lowrank_rlhf.data import (
+    CLICKBAIT_PROMPT,
+    DataError,
+    bundled_names,
+    completion_text,
+    encode_prompts,
+    holdout_split,
+    left_pad,
+    load_preferences,
+    load_prompts,
+    load_sft,
+    load_table,
+    normalize_answer,
+    prompt_texts,
+    tokenize_prompts,
+)
 from lowrank_rlhf.models.loading import load_tokenizer
 
 ROWS = [{"prompt": "Is the sky blue?", "completion": "yes"}, {"prompt": "Is fire cold?", "completion": "no"},
@@ -350,7 +363,8 @@ def test_holdout_split():
 
 def test_holdout_split_keeps_every_pair_of_a_prompt_on_one_side():
     prompts = [f"headline {i // 3}" for i in range(30)]  # 10 prompts, 3 pairs each
-    ds = datasets.Dataset.from_dict({"prompt": prompts, "chosen": ["yes"] * 30, "rejected": [str(i) for i in range(30)]})
+    rejected = [str(i) for i in range(30)]
+    ds = datasets.Dataset.from_dict({"prompt": prompts, "chosen": ["yes"] * 30, "rejected": rejected})
     train, held = holdout_split(ds, 0.2)
     assert len(set(held["prompt"])) == 2 and len(held) == 6 and len(train) == 24
     assert not set(train["prompt"]) & set(held["prompt"])

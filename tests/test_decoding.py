@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from test_trainer import make_trainer, recipe
 
 from lowrank_rlhf.rl.decoding import StaticDecoder
 from lowrank_rlhf.rl.sampling import KeyedGumbelSampler, row_keys
-
-from test_trainer import make_trainer, recipe
 
 # Temperature 30 makes the random tiny model's tokens near-uniform, so some of 8 rows emit eos within 40 tokens
 # and some do not: both the stop handling and the full-length rows are exercised.

@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 from conftest import error_line
 from lowrank_rlhf import stages
 from lowrank_rlhf.cli import build_parser, main
+from lowrank_rlhf.commands.evaluation import evaluate_run
+from lowrank_rlhf.commands.inference import load_run
+from lowrank_rlhf.commands.quickstart import ALGORITHMS, quickstart_recipe, run_quickstart
 from lowrank_rlhf.config import ConfigError, LoraConfig, ModelConfig, RecipeConfig, load_recipe, to_dict
-from lowrank_rlhf.evaluation import evaluate_run
-from lowrank_rlhf.inference import load_run
 from lowrank_rlhf.models.loading import load_base
 from lowrank_rlhf.pipeline import DPO_SKIPS, run_stages, stages_for
-from lowrank_rlhf.quickstart import ALGORITHMS, quickstart_recipe, run_quickstart
 from lowrank_rlhf.recipes import recipe_path
-from lowrank_rlhf.run_dir import RunDirError
+from lowrank_rlhf.run.directory import RunDirError
 
 TINY = str(recipe_path("tiny-cpu.yaml"))
 DPO_SMALL = ["dpo.max_steps=2", "dpo.batch_size=4", "dpo.max_length=256", "dpo.learning_rate=1e-3"]

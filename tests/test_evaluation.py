@@ -5,8 +5,8 @@ import json
 import pytest
 
 from lowrank_rlhf.cli import main
+from lowrank_rlhf.commands.evaluation import MARKER, resolve_task
 from lowrank_rlhf.config import ConfigError, load_recipe
-from lowrank_rlhf.evaluation import MARKER, resolve_task
 from lowrank_rlhf.pipeline import run_stages
 from lowrank_rlhf.recipes import recipe_path
 
@@ -38,7 +38,7 @@ def test_eval_scores_base_and_sft_and_never_replaces_foreign_files(tmp_path, cap
 
 
 def test_clickbait_eval_adds_the_articles_few_shot_prompt(tmp_path):
-    from lowrank_rlhf.evaluation import FEW_SHOT_CLICKBAIT, few_shot_clickbait_prompts, first_line
+    from lowrank_rlhf.commands.evaluation import FEW_SHOT_CLICKBAIT, few_shot_clickbait_prompts, first_line
 
     chat = [[{"role": "user", "content": "Is this headline clickbait? Answer yes or no.\nHeadline: Cats Rule"}]]
     [prompt] = few_shot_clickbait_prompts(chat)
@@ -101,8 +101,8 @@ def test_eval_adds_the_best_policy_and_says_when_it_was_chosen_on_the_same_promp
     assert mine["best"]["chosen_on"] == "bundled:text2sql_heldout"
     assert "these same prompts, so its row here is not a held-out measure" in out
     # a caller's model gets its own final policy back
-    from lowrank_rlhf.evaluation import evaluate_run, load_run_roles
-    from lowrank_rlhf.inference import run_recipe
+    from lowrank_rlhf.commands.evaluation import evaluate_run, load_run_roles
+    from lowrank_rlhf.commands.inference import run_recipe
 
     model = load_run_roles(run, run_recipe(run))
     before = {n: p.clone() for n, p in model.peft.named_parameters() if ".policy." in n}

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from lowrank_rlhf import bench
-from lowrank_rlhf.memory import plan as planning
 from lowrank_rlhf.config import ModelConfig, load_recipe
+from lowrank_rlhf.memory import plan as planning
 from lowrank_rlhf.memory.estimate import weight_bytes
 from lowrank_rlhf.memory.plan import plan
-from lowrank_rlhf.memory.shapes import KNOWN_SHAPES, LLAMA2_7B
 from lowrank_rlhf.models.loading import load_base
 from lowrank_rlhf.models.random_llama import build_random_llama, model_weight_bytes
 from lowrank_rlhf.models.roles import RoleModel
+from lowrank_rlhf.models.shapes import KNOWN_SHAPES, LLAMA2_7B
 from lowrank_rlhf.rl.trainer import PPOTrainer
 
 pytestmark = pytest.mark.gpu

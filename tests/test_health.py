@@ -6,13 +6,11 @@ import json
 import logging
 
 import pytest
-import torch
+from test_trainer import make_trainer, recipe
 
 from lowrank_rlhf.rewards import Scorer, load_reward_functions
 from lowrank_rlhf.rl.health import SCORE, HeldOutEval, OveroptimizationAlarm, best_metric_name
 from lowrank_rlhf.rl.trainer import PPOTrainer
-
-from test_trainer import make_trainer, recipe
 
 REWARDS = '''
 def letters(prompts, completions, **kwargs):

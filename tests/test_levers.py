@@ -6,6 +6,8 @@ import sys
 import bitsandbytes as bnb
 import pytest
 import torch
+from test_roles import randomize
+from test_trainer import adapter_weights, assert_same, letter_share, make_trainer, recipe
 
 from conftest import make_batch
 from lowrank_rlhf.config import ConfigError, LoraConfig, ModelConfig, PPOConfig
@@ -14,8 +16,6 @@ from lowrank_rlhf.models.loading import load_base
 from lowrank_rlhf.models.roles import REFERENCE, RoleModel
 from lowrank_rlhf.rl.optim import build_optimizer
 from lowrank_rlhf.rl.trainer import PPOTrainer
-from test_roles import randomize
-from test_trainer import adapter_weights, assert_same, letter_share, make_trainer, recipe
 
 QUANTIZED = ["4bit", "8bit"]
 

@@ -19,9 +19,9 @@ from lowrank_rlhf.memory.estimate import (
     weight_bytes,
 )
 from lowrank_rlhf.memory.plan import BUDGET_FRACTION, MemoryBudgetError, MemoryPlan, plan
-from lowrank_rlhf.memory.runner import MicroBatchOOMError, MicroBatchRunner
-from lowrank_rlhf.memory.shapes import LLAMA2_7B, LLAMA2_13B, ModelShape, lora_params, lora_targets
 from lowrank_rlhf.memory.sizes import format_bytes, parse_bytes
+from lowrank_rlhf.models.runner import MicroBatchOOMError, MicroBatchRunner
+from lowrank_rlhf.models.shapes import LLAMA2_7B, LLAMA2_13B, ModelShape, lora_params, lora_targets
 
 GiB = 1024**3
 TINY = ModelShape.llama(num_layers=2, hidden_size=16, intermediate_size=40, num_heads=4, vocab_size=100,
@@ -183,7 +183,7 @@ def test_big_budget_uses_full_batch_and_small_budget_shrinks():
     assert small.fits
     # the KV cache and the training activations no longer fit at 32 rows (scoring still does: 8.04 GiB)
     assert small.micro_batch("generate") < 32 and small.micro_batch("train") < 32
-    for name, phase in small.phases.items():
+    for phase in small.phases.values():
         assert phase.peak_bytes <= BUDGET_FRACTION * small.budget_bytes
         assert phase.micro_batch & (phase.micro_batch - 1) == 0  # power of two
 
@@ -315,8 +315,8 @@ def test_planner_within_5_percent_of_recorded_gpu_peaks(report, layout_name, pha
     """The estimates against the peaks `lowrank-rlhf bench` measured on a GPU (docs/benchmarks/*.json), at the
     micro-batches each run used. These runs are the data the coefficients were fitted to (2026-11-24), so this
     guards the formulas against drift; a new recorded run joins the check by being committed there."""
-    from lowrank_rlhf.config import load_recipe
     from lowrank_rlhf.bench.four_model import predicted_peaks
+    from lowrank_rlhf.config import load_recipe
 
     args, layout = report["args"], report["layouts"][layout_name]
     shape = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B}[args["model"]]
@@ -452,7 +452,7 @@ def test_logits_chunk_moves_the_logits_terms_by_hand():
     """Llama-3.1-8B (vocab 128256), micro-batch 4, prompt 64 + response 512: 2048 response tokens. With chunks of
     1024 every logits term counts 1024 tokens; the logits still set the score and train peaks, so each drops by its
     copies x 1024 tokens x vocab x 4 B. K=0, or K >= the tokens, changes nothing."""
-    from lowrank_rlhf.memory.shapes import LLAMA31_8B
+    from lowrank_rlhf.models.shapes import LLAMA31_8B
 
     V, args = LLAMA31_8B.vocab_size, (LLAMA31_8B, "4bit", ADAPTERS, 4, 64, 512)
     whole, chunked = estimate_score(*args), estimate_score(*args, logits_chunk_tokens=1024)
@@ -494,7 +494,7 @@ def test_recipe_keys_reach_the_planned_floor_and_peaks():
 
 
 def test_recipe_logits_chunk_reaches_score_and_train():
-    from lowrank_rlhf.memory.shapes import LLAMA31_8B
+    from lowrank_rlhf.models.shapes import LLAMA31_8B
 
     sizes = ("ppo.response_length=512", "data.max_prompt_length=64", "ppo.rollout_batch_size=4")
     whole = _recipe_plan(*sizes, budget="80GiB", shape=LLAMA31_8B)
@@ -508,7 +508,7 @@ def test_recipe_logits_chunk_reaches_score_and_train():
 
 
 def test_below_floor_names_each_lever_and_the_floor_it_gives():
-    from lowrank_rlhf.memory.shapes import LLAMA_33B
+    from lowrank_rlhf.models.shapes import LLAMA_33B
 
     floors = {kw: static_floor(LLAMA_33B, "4bit", AdapterSpec(r=16, **dict(kw)))["total"]
               for kw in ((), (("optim", "adamw_8bit"),), (("frozen_param_bytes", 2),), (("n_trainable", 1),))}
@@ -530,7 +530,7 @@ def test_below_floor_names_each_lever_and_the_floor_it_gives():
 def test_a_plan_that_does_not_fit_names_the_lever_that_would():
     """Qwen3-8B (vocab 151936) with 1024-token responses: one sequence's training logits (3 x 1024 x V x 4 B =
     1.74 GiB) overflow a 9 GiB card although the floor fits; chunking the logits fits, and the hint says so."""
-    from lowrank_rlhf.memory.shapes import QWEN3_8B
+    from lowrank_rlhf.models.shapes import QWEN3_8B
 
     tight = _recipe_plan("ppo.response_length=1024", "data.max_prompt_length=128", "lora.critic=shared",
                          "ppo.optim=adamw_8bit", "lora.frozen_dtype=compute", budget="9GiB", shape=QWEN3_8B)
@@ -547,7 +547,7 @@ def test_a_plan_that_does_not_fit_names_the_lever_that_would():
 
 
 def test_known_shapes_match_the_published_parameter_counts():
-    from lowrank_rlhf.memory.shapes import KNOWN_SHAPES, LLAMA2_70B, LLAMA31_8B, LLAMA_33B, LLAMA_65B, QWEN3_8B
+    from lowrank_rlhf.models.shapes import KNOWN_SHAPES, LLAMA2_70B, LLAMA31_8B, LLAMA_33B, LLAMA_65B, QWEN3_8B
 
     assert LLAMA31_8B.num_params == 8_030_261_248  # meta-llama/Llama-3.1-8B's safetensors total
     assert LLAMA2_70B.num_params == 68_976_648_192  # its config by the LLaMA layout (embeddings, linears, norms)
@@ -567,7 +567,7 @@ def test_known_shapes_match_the_published_parameter_counts():
 
 
 def test_lora_tensor_sizes_sum_to_the_adapter():
-    from lowrank_rlhf.memory.shapes import lora_tensor_sizes
+    from lowrank_rlhf.models.shapes import lora_tensor_sizes
 
     sizes = lora_tensor_sizes(TINY, 4, "all-linear")
     assert len(sizes) == 2 * 7 * 2 and sum(sizes) == lora_params(TINY, 4, "all-linear")

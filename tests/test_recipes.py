@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lowrank_rlhf.commands.quickstart import RECIPE, quickstart_recipe
 from lowrank_rlhf.config import load_recipe
 from lowrank_rlhf.memory.plan import plan_recipe
-from lowrank_rlhf.quickstart import RECIPE, quickstart_recipe
 from lowrank_rlhf.recipes import RECIPES_DIR, recipe_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_grpo_recipes_plan_no_critic_and_whole_groups(name):
 def test_no_recipe_chooses_its_best_policy_on_a_held_out_set(name):
     """RUN/best is chosen on data.eval_prompts; the quickstart chose it on clickbait_heldout, the very set the report
     and `eval` score, so its best row was not a held-out number."""
-    from lowrank_rlhf.evaluation import TASKS
+    from lowrank_rlhf.commands.evaluation import TASKS
 
     held_out_sets = {table for table, _, _ in TASKS.values()}
     assert load_recipe(RECIPES / name).data.eval_prompts not in held_out_sets

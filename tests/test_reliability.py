@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import adapter_weights, assert_same, make_trainer, recipe
 
 from conftest import error_line
-from lowrank_rlhf import checkpoint as ckpt
-from lowrank_rlhf import run_lock
-from lowrank_rlhf.models import loading as models
-from lowrank_rlhf.models.builtin import tiny_llama_config, tiny_tokenizer
 from lowrank_rlhf.cli import main
 from lowrank_rlhf.config import ConfigError, ModelConfig, load_recipe
+from lowrank_rlhf.models import loading as models
+from lowrank_rlhf.models.builtin import tiny_llama_config, tiny_tokenizer
 from lowrank_rlhf.pipeline import RunDirError, check_run_dir
-from test_trainer import adapter_weights, assert_same, make_trainer, recipe
+from lowrank_rlhf.run import checkpoint as ckpt
+from lowrank_rlhf.run import lock as run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny-cpu.yaml")
@@ -239,7 +239,7 @@ def test_a_resume_that_changes_the_math_is_refused_with_a_diff(tmp_path, capsys,
 
 
 def test_a_resume_accepts_logging_saving_and_step_changes_and_says_so(run_copy, caplog):
-    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.resume_guard"):
+    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.run.resume_guard"):
         assert train(run_copy, "ppo.resume=true", "ppo.total_steps=3", "ppo.save_steps=0", "memory.budget=3GiB",
                      "ppo.logits_chunk_tokens=2") == 0
     assert ("resume: accepted changed settings that do not change the math: memory.budget '2GiB' -> '3GiB', "
@@ -563,7 +563,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
         first.wait()
     # first died holding the lock (kill -9): its file still names it, and the next run takes it over
     assert run_lock._read_pid(run / run_lock.LOCK_FILE) == first.pid
-    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="lowrank_rlhf.run.lock"):
         assert train(run, "--overwrite", "ppo.total_steps=1") == 0
     assert f"taking over the lock of process {first.pid}, which has ended" in caplog.text
     assert not (run / run_lock.LOCK_FILE).exists()

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_rlhf.rewards import (RewardFunctionError, brevity, call_reward_function, clickbait_accuracy,
-                                  combine_scores, exact_yes_no, load_reward_function, load_reward_functions)
+from lowrank_rlhf.rewards import (
+    RewardFunctionError,
+    brevity,
+    call_reward_function,
+    clickbait_accuracy,
+    combine_scores,
+    exact_yes_no,
+    load_reward_function,
+    load_reward_functions,
+)
 
 PROMPTS = ["p1", "p2", "p3"]
 COMPLETIONS = ["yes", "No.", "well, maybe"]

@@ -17,13 +17,13 @@ import dataclasses
 
 import pytest
 import torch
+from test_trainer import make_trainer, recipe
 
 import lowrank_rlhf.rl.rollout as rollout_module
 from lowrank_rlhf.models.roles import REFERENCE
 from lowrank_rlhf.rl import algorithms
 from lowrank_rlhf.rl.ppo import policy_loss
 from lowrank_rlhf.rl.sampling import KeyedGumbelSampler, row_keys, uniform_noise
-from test_trainer import make_trainer, recipe
 
 # One thread (tiny-llama's matmuls are too small to share; with the CPUs busy, OpenMP's barriers made steps 40x
 # slower) and no network.

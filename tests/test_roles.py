@@ -7,7 +7,7 @@ import torch
 from conftest import QUANTIZATIONS, make_batch
 from lowrank_rlhf.config import LoraConfig
 from lowrank_rlhf.models.roles import REFERENCE, RoleModel
-from lowrank_rlhf.models.run_metadata import BaseMismatchError
+from lowrank_rlhf.run.metadata import BaseMismatchError
 
 
 def snapshot(model: torch.nn.Module) -> dict:
@@ -230,7 +230,7 @@ def test_adapters_used_over_another_compute_dtype_load_with_a_warning(tmp_path, 
     RoleModel(base, tok, lora_cfg, roles=("policy",), base_name="tiny-llama", quantization="4bit").save(tmp_path)
     meta = json.loads((tmp_path / "lowrank_rlhf.json").read_text())
     assert meta["compute_dtype"] == "float32"
-    logger = "lowrank_rlhf.models.run_metadata"
+    logger = "lowrank_rlhf.run.metadata"
     with caplog.at_level(logging.WARNING, logger=logger):
         RoleModel.load(*load("float32"), tmp_path, lora_cfg, base_name="tiny-llama", quantization="4bit",
                        roles=("policy",))

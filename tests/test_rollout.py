@@ -3,11 +3,10 @@
 
 import pytest
 import torch
+from test_trainer import make_trainer, recipe
 
 from lowrank_rlhf.config import ConfigError
 from lowrank_rlhf.rl.rollout import end_of_turn_id, response_mask, stop_token_ids
-
-from test_trainer import make_trainer, recipe
 
 SETTINGS = ("ppo.response_length=40", "ppo.temperature=30", "ppo.rollout_batch_size=8", "ppo.num_ppo_epochs=1",
             "ppo.num_mini_batches=1")

@@ -8,10 +8,16 @@ import pytest
 
 from lowrank_rlhf.data import load_prompts, load_sft
 from lowrank_rlhf.data.tables import BUNDLED_DIR
-from lowrank_rlhf.data.text2sql import (REFERENCE_DATE, SCHEMAS, TEXT2SQL_FILES, build_database,
-                                        build_text2sql_rows, write_text2sql_files)
+from lowrank_rlhf.data.text2sql import (
+    REFERENCE_DATE,
+    SCHEMAS,
+    TEXT2SQL_FILES,
+    build_database,
+    build_text2sql_rows,
+    write_text2sql_files,
+)
 from lowrank_rlhf.rewards import RewardFunctionError, call_reward_function, sql_execution, sql_runs
-from lowrank_rlhf.sql_reward import execute_sql, extract_sql
+from lowrank_rlhf.rewards.sql import execute_sql, extract_sql
 
 LOGIN_WEEK = ("SELECT COUNT(DISTINCT user_id) FROM events WHERE rpc_method = 'Login' AND "
               "timestamp >= date('now', '-7 days');")

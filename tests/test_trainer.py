@@ -184,7 +184,7 @@ def test_map_rows_trims_padding_and_restores_full_width_for_any_output_shape():
     """Rows with short responses share trimmed micro-batches; per-token outputs of any rank come back full width,
     zero in the columns their micro-batch trimmed away, and in the original row order (the shared critic returns
     [n, r, 2])."""
-    from lowrank_rlhf.memory.runner import MicroBatchRunner
+    from lowrank_rlhf.models.runner import MicroBatchRunner
     from lowrank_rlhf.rl.experience import Rollout
     from lowrank_rlhf.rl.scoring import map_rows
 
@@ -340,7 +340,8 @@ def test_beta_zero_runs_no_reference_forward(tmp_path, monkeypatch, algorithm):
 def test_a_step_where_no_token_carries_loss_skips_its_updates_says_so_and_moves_nothing(tmp_path, caplog):
     """mask_truncated_completions with no response stopping: every loss is 0. The updates are skipped, not applied:
     AdamW's moments from an earlier step would otherwise keep moving the weights on no signal."""
-    trainer = make_trainer(critic_free(tmp_path, "grpo", "ppo.beta=0"), force_response_length=True, scorer=mean_token_id)
+    recipe = critic_free(tmp_path, "grpo", "ppo.beta=0")
+    trainer = make_trainer(recipe, force_response_length=True, scorer=mean_token_id)
     first = trainer.train_step()  # a real step: AdamW now has moments
     assert first["policy/loss_token_share"] == 1.0 and first["skipped"] == 0
     trainer.ppo.mask_truncated_completions = True  # no response ends with a stop token

@@ -6,7 +6,7 @@ import argparse
 
 from ..config import ConfigError
 from ..memory import PHASES
-from ..memory.shapes import SHORT_NAMES as RANDOM_MODELS
+from ..models.shapes import SHORT_NAMES as RANDOM_MODELS
 
 LAYOUTS = ("ours", "four-model", "ours-matched", "trl-grpo")
 # the layouts that are PPO's (a critic and a reward model); the critic-free algorithms run ours and trl-grpo

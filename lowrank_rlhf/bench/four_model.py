@@ -13,18 +13,18 @@ micro-batching, OOM recovery): only the memory layout differs, which is what the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import LoraConfig, RecipeConfig
 from ..memory.plan import MemoryBudgetError, MemoryPlan, plan_recipe, recipe_peaks
-from ..memory.shapes import ModelShape
 from ..models.roles import REFERENCE, RoleModel
-from ..models.run_metadata import META_FILE
+from ..models.shapes import ModelShape
+from ..run.metadata import META_FILE
 
 # Bases beyond the policy's: the value model and the reward model.
 EXTRA_BASES = 2
@@ -51,7 +51,7 @@ class FourModelRoles(nn.Module):
 
     @classmethod
     def build(cls, load_base: Callable[[int], tuple[nn.Module, object]], lora: LoraConfig, base_name: str = "",
-              quantization: str = "none", seed: int = 0) -> "FourModelRoles":
+              quantization: str = "none", seed: int = 0) -> FourModelRoles:
         """Load three bases with `load_base(i)` -> (model, tokenizer), i = 0 (policy), 1 (value), 2 (reward)."""
         if lora.critic != "separate":
             raise ValueError("the four-model layout has a separate value model: it needs lora.critic=separate")

@@ -14,10 +14,10 @@ import torch
 
 from ..config import load_recipe
 from ..memory.plan import resolve_budget
-from ..memory.shapes import ModelShape
 from ..models.builtin import BUILTIN_MODELS, tiny_llama_config
 from ..models.loading import compute_dtype, load_base, resolve_device, resolve_model_path
 from ..models.random_llama import RANDOM_MODELS, build_random_llama, random_config
+from ..models.shapes import ModelShape
 from ..rl.algorithms import has_critic
 from .args import RANDOM_TINY, BenchArgumentError, parse_layouts, parse_micro_batch, resolve_defaults
 

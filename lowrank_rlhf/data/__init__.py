@@ -8,13 +8,40 @@
 This file only re-exports their public names, so `from lowrank_rlhf import data; data.load_prompts(...)` works.
 """
 
-from .chat import (completion_text, encode_example, encode_example_parts, encode_prompts, is_conversation, left_pad,
-                   normalize_answer, prompt_ids, prompt_text, prompt_texts, split_messages, tokenize_prompts)
-from .clickbait import (CLICKBAIT_FILES, CLICKBAIT_PROMPT, RAMBLING_ANSWERS, build_clickbait_rows, clickbait_prompt,
-                        write_clickbait_files)
+from .chat import (
+                   completion_text,
+                   encode_example,
+                   encode_example_parts,
+                   encode_prompts,
+                   is_conversation,
+                   left_pad,
+                   normalize_answer,
+                   prompt_ids,
+                   prompt_text,
+                   prompt_texts,
+                   split_messages,
+                   tokenize_prompts,
+)
+from .clickbait import (
+                   CLICKBAIT_FILES,
+                   CLICKBAIT_PROMPT,
+                   RAMBLING_ANSWERS,
+                   build_clickbait_rows,
+                   clickbait_prompt,
+                   write_clickbait_files,
+)
 from .errors import DataError
-from .tables import (BUNDLED_DIR, SFT_LAYOUTS, SUPPORTED_EXTENSIONS, bundled_names, holdout_split, load_preferences,
-                     load_prompts, load_sft, load_table)
+from .tables import (
+                   BUNDLED_DIR,
+                   SFT_LAYOUTS,
+                   SUPPORTED_EXTENSIONS,
+                   bundled_names,
+                   holdout_split,
+                   load_preferences,
+                   load_prompts,
+                   load_sft,
+                   load_table,
+)
 
 __all__ = [
     "BUNDLED_DIR", "CLICKBAIT_FILES", "CLICKBAIT_PROMPT", "DataError", "RAMBLING_ANSWERS", "SFT_LAYOUTS",

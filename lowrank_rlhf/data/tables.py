@@ -13,8 +13,8 @@ A source is a local file, a directory written by `save_to_disk`, `bundled:NAME` 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import datasets
 

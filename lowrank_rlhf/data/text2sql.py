@@ -25,7 +25,7 @@ import random
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import lru_cache
+from functools import cache
 from itertools import product
 from pathlib import Path
 
@@ -91,7 +91,7 @@ def _rows(db_id: str) -> dict[str, list[tuple]]:
     raise DataError(f"text2sql: unknown database {db_id!r}; allowed values: {', '.join(SCHEMAS)}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def database_script(db_id: str) -> str:
     """The database `db_id` as one SQL script (CREATE TABLE + INSERTs): what `build_database` runs."""
     if db_id not in SCHEMAS:
@@ -147,7 +147,8 @@ TEMPLATES = (
                  'count the users, each once, who requested "{m}" {w}.'),
              validation='know how many distinct users requested "{m}" {w}.',
              held_out='find how many different users sent a "{m}" request {w}.',
-             sql="SELECT COUNT(DISTINCT user_id) FROM events WHERE rpc_method = '{m}' AND timestamp >= date('now', '{d}');",
+             sql="SELECT COUNT(DISTINCT user_id) FROM events "
+                 "WHERE rpc_method = '{m}' AND timestamp >= date('now', '{d}');",
              values=_windows(), dated=True),
     Template("events", sft='count the "{m}" requests {w}.',
              rl=('know how many times "{m}" was called {w}.',
@@ -311,7 +312,7 @@ TEMPLATES = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template_patterns() -> tuple:
     """Each template's SQL as a regex: the literal text, with every {value} slot matching anything."""
     import re
@@ -363,7 +364,7 @@ def build_text2sql_rows() -> dict[str, list[dict]]:
             sql = t.sql.format(**values)
             if _trivial(dbs[t.db_id].execute(sql.replace("'now'", f"'{REFERENCE_DATE}'")).fetchall()):
                 continue
-            ask = lambda phrasing: (t.db_id, phrasing.format(**values), sql, t.dated)  # noqa: E731
+            ask = lambda phrasing: (t.db_id, phrasing.format(**values), sql, t.dated)  # noqa: B023  called in this pass
             key = f"{n}:{sorted(values.items())}"
             if _hash_share(key) < HELDOUT_SHARE:
                 held.append(ask(t.held_out))

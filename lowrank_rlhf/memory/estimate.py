@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .shapes import ALL_LINEAR, ModelShape, linear_shapes, lora_params, lora_tensor_sizes
+from ..models.shapes import ALL_LINEAR, ModelShape, linear_shapes, lora_params, lora_tensor_sizes
 
 __all__ = [
     "ADAPTER_PARAM_BYTES",

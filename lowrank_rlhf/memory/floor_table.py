@@ -14,9 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .estimate import (SCORE_LOGITS_COPIES, TRAIN_LOGITS_COPIES, AdapterSpec, logits_tokens, static_floor,
-                       weight_bytes)
-from .shapes import LLAMA2_7B, LLAMA2_13B, LLAMA2_70B, LLAMA31_8B, LLAMA_33B, LLAMA_65B, QWEN3_8B, ModelShape
+from ..models.shapes import LLAMA2_7B, LLAMA2_13B, LLAMA2_70B, LLAMA31_8B, LLAMA_33B, LLAMA_65B, QWEN3_8B, ModelShape
+from .estimate import SCORE_LOGITS_COPIES, TRAIN_LOGITS_COPIES, AdapterSpec, logits_tokens, static_floor, weight_bytes
 from .sizes import format_bytes
 
 __all__ = ["BEGIN", "END", "render", "update"]

@@ -11,8 +11,9 @@ own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from .estimate import ADAPTER_PARAM_BYTES, quantization_kind
 from .sizes import format_bytes

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from . import PHASES
-from ..config import ConfigError, RecipeConfig
+from ..config import ConfigError, RecipeConfig, check_algorithm, has_critic
 from ..models.loading import compute_dtype, resolve_model_path
-from ..rl.algorithms import check_algorithm, has_critic
-from .estimate import (ADAPTER_PARAM_BYTES, AdapterSpec, estimate_generate, estimate_score, estimate_train,
-                       static_floor)
+from ..models.shapes import KNOWN_SHAPES, ModelShape, lora_targets, resolve_targets
+from . import PHASES
+from .estimate import ADAPTER_PARAM_BYTES, AdapterSpec, estimate_generate, estimate_score, estimate_train, static_floor
 from .levers import below_floor_message, fitting_levers, levers_on
-from .shapes import KNOWN_SHAPES, ModelShape, lora_targets, resolve_targets
 from .sizes import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ..checkpoint import write_atomically
 from ..config import ConfigError
+from ..run.checkpoint import write_atomically
 
 log = logging.getLogger(__name__)
 

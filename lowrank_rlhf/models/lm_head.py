@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..rl.ppo import entropy_from_logits, selective_log_softmax
+from .logits import entropy_from_logits, selective_log_softmax
 
 
 def _chunk(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,

@@ -23,11 +23,18 @@ import time
 
 import torch
 from torch import nn
-from transformers import (BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedConfig,
-                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
-from ..memory.shapes import KNOWN_SHAPES, SHORT_NAMES
 from .loading import keep_one_cpu_4bit_path, quantization_config
+from .shapes import KNOWN_SHAPES, SHORT_NAMES
 
 log = logging.getLogger(__name__)
 

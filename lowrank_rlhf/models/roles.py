@@ -24,11 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import LoraConfig
-from ..memory.runner import MicroBatchRunner
-from ..memory.shapes import lora_targets
+from ..run.metadata import META_FILE, check_base, read_run_metadata, run_metadata, warn_on_compute_dtype_change
 from .frozen_dtype import compact, compact_adapter, round_to
 from .lm_head import token_logprobs
-from .run_metadata import META_FILE, check_base, read_run_metadata, run_metadata, warn_on_compute_dtype_change
+from .runner import MicroBatchRunner
+from .shapes import lora_targets
 
 log = logging.getLogger(__name__)
 

@@ -20,49 +20,26 @@ experience.py: per-sequence [B], per-token [B, R] with a mask (1 = response toke
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..config import ConfigError, PPOConfig
+# the rules of which algorithm needs what are config-level (the memory planner reads them too); re-exported here
+from ..config import (  # noqa: F401
+    CRITIC_FREE,
+    GROUP_BASELINES,
+    ConfigError,
+    PPOConfig,
+    check_algorithm,
+    has_critic,
+    kl_in_loss,
+    needs_reference,
+    old_logprobs_from_update,
+)
 from .ppo import kl_penalty, masked_mean, masked_whiten, token_rewards
 
-CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
-GROUP_BASELINES = ("grpo", "rloo")  # need num_generations >= 2
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 STD_EPS = 1e-4  # TRL's: a group whose scores are all equal gets advantage 0, not 0/0
-
-
-def has_critic(algorithm: str) -> bool:
-    return algorithm not in CRITIC_FREE
-
-
-def needs_reference(ppo: PPOConfig) -> bool:
-    """PPO always measures KL; the critic-free algorithms skip the reference forward when beta is 0 (as TRL)."""
-    return has_critic(ppo.algorithm) or ppo.beta > 0
-
-
-def kl_in_loss(ppo: PPOConfig) -> bool:
-    return ppo.algorithm == "grpo" and ppo.beta > 0
-
-
-def old_logprobs_from_update(ppo: PPOConfig) -> bool:
-    """One update per rollout (one epoch, one minibatch) and no KL in the reward: the policy being updated IS the
-    one that sampled, so the ratio is exactly 1 and the "old" logprobs are the update's own forward, detached.
-    The score phase then skips its policy forward (TRL's GRPOTrainer skips it likewise when num_iterations=1); the
-    update writes those logprobs back for the step's metrics. rloo/reinforce_pp with beta > 0 need the policy's
-    logprobs before the update (their KL goes into the reward), so they keep the forward."""
-    return (not has_critic(ppo.algorithm) and ppo.num_ppo_epochs == 1 and ppo.num_mini_batches == 1
-            and (ppo.beta == 0 or kl_in_loss(ppo)))
-
-
-def check_algorithm(ppo: PPOConfig) -> None:
-    if ppo.algorithm in GROUP_BASELINES and ppo.num_generations < 2:
-        raise ConfigError(f"ppo.num_generations: {ppo.algorithm} needs at least 2 samples per prompt (the others "
-                          f"are its baseline), got {ppo.num_generations}")
-    if ppo.mask_truncated_completions and ppo.stop_token == ["none"]:
-        raise ConfigError("ppo.mask_truncated_completions: with ppo.stop_token=[none] no response has a stop token, "
-                          "so every loss would be masked; set ppo.stop_token (eos or token strings) or turn it off")
 
 
 # --------------------------------------------------------------------------- advantages

@@ -100,7 +100,7 @@ class TrainBatch:
     ref_logprobs: torch.Tensor | None = None  # [n, W] (GRPO's KL in the loss)
 
     @classmethod
-    def take(cls, exp: Experience, rows: torch.Tensor) -> "TrainBatch":
+    def take(cls, exp: Experience, rows: torch.Tensor) -> TrainBatch:
         rollout = exp.rollout
         mask = rollout.attention_mask[rows]
         left, right = trim_columns(mask, rollout.response_start)

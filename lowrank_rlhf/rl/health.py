@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import normalize_answer
-from ..memory.runner import MicroBatchRunner
+from ..models.runner import MicroBatchRunner
 from ..rewards import Scorer, short_name
 from .rollout import sample_rollout
 

@@ -21,8 +21,8 @@ from transformers import GenerationConfig
 
 from ..config import ConfigError
 from ..data import left_pad
-from ..memory.runner import MicroBatchRunner
 from ..models.roles import RoleModel
+from ..models.runner import MicroBatchRunner
 from .decoding import StaticDecoder
 from .experience import Rollout
 from .sampling import KeyedGumbelSampler

@@ -3,13 +3,13 @@ per-token KL. Rows are grouped by length into micro-batches and the padding they
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ..config import PPOConfig
-from ..memory.runner import MicroBatchRunner
 from ..models.roles import REFERENCE, RoleModel
+from ..models.runner import MicroBatchRunner
 from .algorithms import has_critic, needs_reference, old_logprobs_from_update
 from .experience import Experience, Rollout, trim_columns
 from .ppo import RunningMoments, kl_penalty, normalize_and_clip_scores

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
 from ..models.roles import HEAD_FILES, RoleModel
+from ..run import checkpoint as ckpt
 
 TRAINED_ROLES = ("policy", "value")
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import PartialState
@@ -27,12 +26,12 @@ from accelerate.utils import gather, reduce
 from transformers import get_scheduler
 from trl.trainer.utils import disable_dropout_in_model
 
-from .. import resume_guard
 from ..config import ConfigError, RecipeConfig, to_dict
 from ..memory import PHASES
-from ..memory.runner import MicroBatchRunner
 from ..models.roles import RoleModel
-from ..signals import STOP_SIGNALS, Interrupted
+from ..models.runner import MicroBatchRunner
+from ..run import resume_guard
+from ..run.signals import STOP_SIGNALS, Interrupted
 from . import algorithms, update
 from . import state as run_state
 from .decoding import StaticDecoder
@@ -324,7 +323,8 @@ class PPOTrainer:
         if self.evaluation is None or "eval/top_answer_share" not in metrics or not self.alarm.update(metrics):
             return False
         log.warning("over-optimisation: eval/score is above and %s below their values at its best (step %d) for %d "
-                    "evaluations in a row (step %d)%s", self.best_metric, self.best["step"], self.alarm.patience, self.step,
+                    "evaluations in a row (step %d)%s", self.best_metric, self.best["step"], self.alarm.patience,
+                    self.step,
                     "; stopping, the best policy is in RUN/best" if self.ppo.stop_on_overoptimization else "")
         return self.ppo.stop_on_overoptimization
 

@@ -8,7 +8,7 @@ a sum divided by counts of the whole minibatch, so micro-batching never changes 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from accelerate.utils import reduce

@@ -12,8 +12,17 @@ Prompts and answers are encoded by data.chat, the one chat encoding PPO uses too
 
 from .common import free, train_and_save, trainer_kwargs, update_run_metadata
 from .dpo import dpo_examples, dpo_trainer, save_policy, train_dpo
-from .reward import (answer_dependence, evaluate_reward, pairwise_stats, pooling_pad_id, preference_ids,
-                     reward_trainer, save_reward, score_sequences, train_reward)
+from .reward import (
+                     answer_dependence,
+                     evaluate_reward,
+                     pairwise_stats,
+                     pooling_pad_id,
+                     preference_ids,
+                     reward_trainer,
+                     save_reward,
+                     score_sequences,
+                     train_reward,
+)
 from .sft import save_sft, sft_examples, sft_trainer, train_sft
 
 __all__ = [

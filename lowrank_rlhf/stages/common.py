@@ -24,7 +24,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..config import RecipeConfig
 from ..models.loading import compute_dtype, resolve_device
-from ..models.run_metadata import META_FILE, check_base, run_metadata
+from ..run.metadata import META_FILE, check_base, run_metadata
 
 
 def trainer_kwargs(cfg: RecipeConfig, stage, output_dir: str) -> dict:

@@ -32,12 +32,19 @@ import datasets
 import peft
 import torch
 
-from ..checkpoint import write_atomically
 from ..config import ConfigError, RecipeConfig
 from ..data import DataError, encode_example_parts
 from ..models.loading import load_base
-from .common import (free, loss_summary, train_and_save, trainable_to_compute_dtype, trainer_kwargs,
-                     update_run_metadata, use_loss_bar)
+from ..run.checkpoint import write_atomically
+from .common import (
+    free,
+    loss_summary,
+    train_and_save,
+    trainable_to_compute_dtype,
+    trainer_kwargs,
+    update_run_metadata,
+    use_loss_bar,
+)
 
 log = logging.getLogger(__name__)
 POLICY, REF = "default", "ref"  # TRL's names for the trained adapter and its frozen copy

@@ -36,14 +36,29 @@ import peft
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import write_atomically
 from ..config import ConfigError, RecipeConfig
 from ..data import DataError, encode_example, left_pad
-from ..models.loading import (check_llama_family, compute_dtype, keep_one_cpu_4bit_path, load_base, load_tokenizer,
-                              quantization_config, resolve_device, resolve_model_path)
+from ..models.loading import (
+    check_llama_family,
+    compute_dtype,
+    keep_one_cpu_4bit_path,
+    load_base,
+    load_tokenizer,
+    quantization_config,
+    resolve_device,
+    resolve_model_path,
+)
 from ..models.roles import HEAD_FILES, RoleModel, peft_lora_config
-from .common import (free, loss_summary, train_and_save, trainable_to_compute_dtype, trainer_kwargs,
-                     update_run_metadata, use_loss_bar)
+from ..run.checkpoint import write_atomically
+from .common import (
+    free,
+    loss_summary,
+    train_and_save,
+    trainable_to_compute_dtype,
+    trainer_kwargs,
+    update_run_metadata,
+    use_loss_bar,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,20 @@ from pathlib import Path
 import datasets
 import torch
 
-from ..checkpoint import write_atomically
 from ..config import RecipeConfig
 from ..data import DataError, encode_example_parts, split_messages
 from ..models.loading import compute_dtype, load_base
 from ..models.roles import peft_lora_config
-from .common import (free, loss_summary, train_and_save, trainable_to_compute_dtype, trainer_kwargs,
-                     update_run_metadata, use_loss_bar)
+from ..run.checkpoint import write_atomically
+from .common import (
+    free,
+    loss_summary,
+    train_and_save,
+    trainable_to_compute_dtype,
+    trainer_kwargs,
+    update_run_metadata,
+    use_loss_bar,
+)
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,14 @@ import re
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .data.chat import completion_text
-from .data.text2sql import REFERENCE_DATE, SCHEMAS, build_database
+from ..data.chat import completion_text
+from ..data.text2sql import REFERENCE_DATE, SCHEMAS, build_database
+from .errors import RewardFunctionError
 
 __all__ = ["execute_sql", "extract_sql", "results_match", "sql_execution", "sql_runs"]
 
@@ -203,7 +205,6 @@ def _score(completion: Any, gold_sql: str, db_id: str) -> tuple[bool, bool]:
 
 def _columns(name: str, values: Sequence | None, n: int) -> Sequence:
     if values is None or len(values) != n:
-        from .rewards import RewardFunctionError  # a dataset problem, reported once and clearly
 
         got = "none" if values is None else f"{len(values)} values"
         raise RewardFunctionError(f"reward function {name} needs columns gold_sql and db_id in data.prompts, one "

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from .run_dir import LOCK_FILE, RunDirError
+from .directory import LOCK_FILE, RunDirError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from .config import ConfigError, RecipeConfig, to_dict
+from ..config import ConfigError, RecipeConfig, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _HASHES: dict[tuple, str] = {}
 def file_hash(source: str) -> str | None:
     """SHA-256 of a local file or saved-dataset directory (cached per size and mtime: checkpoints repeat it); None
     for a hub id, whose name is all we know without downloading it."""
-    from .data.tables import BUNDLED_DIR, BUNDLED_PREFIX
+    from ..data.tables import BUNDLED_DIR, BUNDLED_PREFIX
 
     if source.startswith(BUNDLED_PREFIX):
         found = [p for p in (BUNDLED_DIR / f"{source[len(BUNDLED_PREFIX):]}{s}" for s in (".jsonl", ".json"))

@@ -20,12 +20,12 @@ from pathlib import Path
 import peft
 import torch
 
-from .checkpoint import write_atomically
-from .config import ConfigError
+from ..config import ConfigError
+from ..models.loading import load_base
+from ..run.checkpoint import write_atomically
+from ..run.directory import OWNED_FILE, RunDirError, check_writable, claim, owned_names
+from ..run.metadata import read_run_metadata
 from .inference import run_recipe
-from .models.loading import load_base
-from .models.run_metadata import read_run_metadata
-from .run_dir import OWNED_FILE, RunDirError, check_writable, claim, owned_names
 
 log = logging.getLogger(__name__)
 MERGE_TARGETS = ("dequantized", "original")

@@ -1,14 +1,4 @@
-"""Python reward functions for PPO: loading `module:function` specs, calling them with checks, and the weighted sum
-with the other reward sources (the learned reward adapter's score is one more part of that sum).
-
-A reward function follows TRL's convention:
-
-    def my_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]
-
-`kwargs` carries the prompt dataset's other columns for the batch (e.g. `label`, one value per completion). A
-function that does not take **kwargs gets only the columns it names as parameters. Three examples are built in:
-`lowrank_rlhf.rewards:exact_yes_no`, `lowrank_rlhf.rewards:brevity` and `lowrank_rlhf.rewards:clickbait_accuracy`.
-"""
+"""Loading `module:function` reward specs, calling them with checks, and the weighted sum of the parts."""
 
 from __future__ import annotations
 
@@ -20,29 +10,16 @@ import inspect
 import math
 import numbers
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from .call_timeout import CallTimeout, call_with_timeout
-from .data import completion_text, normalize_answer
-
-__all__ = [
-    "RewardFunctionError", "Scorer", "bounded", "brevity", "call_reward_function", "clickbait_accuracy",
-    "combine_scores", "exact_yes_no", "load_reward_function", "load_reward_functions", "short_name",
-]
+from .errors import RewardFunctionError, _first_line
+from .timeout import CallTimeout, call_with_timeout
 
 SPEC_FORM = "module:function or path/to/file.py:function"
-
-
-class RewardFunctionError(ValueError):
-    """A reward-function problem, reported in one line that names the function and what was expected."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
@@ -204,77 +181,3 @@ def combine_scores(parts: Mapping[str, torch.Tensor], weights: Mapping[str, floa
                                       f"{tuple(first.shape)}")
         total = total + float(weights[name]) * scores.to(device=first.device, dtype=torch.float32)
     return total
-
-
-# ------------------------------------------------------------------------------------------------- built-in examples
-def exact_yes_no(prompts: Sequence[str], completions: Sequence[Any], **kwargs: Any) -> list[float]:
-    """1.0 if the completion, normalized (normalize_answer), is exactly "yes" or "no", else 0.0."""
-    return [1.0 if normalize_answer(c) in ("yes", "no") else 0.0 for c in completions]
-
-
-def brevity(prompts: Sequence[str], completions: Sequence[Any], **kwargs: Any) -> list[float]:
-    """1 / number of words: 1 word -> 1.0, 2 -> 0.5, 10 -> 0.1; an empty completion -> 0.0 (saying nothing is not
-    a short answer). Words are whitespace-separated."""
-    return [1.0 / n if (n := len(completion_text(c).split())) else 0.0 for c in completions]
-
-
-def clickbait_accuracy(prompts: Sequence[str], completions: Sequence[Any], label: Sequence[str] | None = None,
-                       **kwargs: Any) -> list[float]:
-    """1.0 if the normalized answer equals the row's `label` column ("yes"/"no"), else 0.0."""
-    if label is None:
-        raise RewardFunctionError("reward function clickbait_accuracy needs a 'label' column in data.prompts "
-                                  "(yes/no per prompt)")
-    if len(label) != len(completions):
-        raise RewardFunctionError(f"reward function clickbait_accuracy got {len(label)} labels for "
-                                  f"{len(completions)} completions")
-    return [1.0 if normalize_answer(c) == normalize_answer(str(y)) else 0.0 for c, y in zip(completions, label)]
-
-
-# ------------------------------------------------------------------------------------------------------ the scorer
-def short_name(spec: str) -> str:
-    """`lowrank_rlhf.rewards:clickbait_accuracy` -> `clickbait_accuracy` (metric names)."""
-    return spec.rsplit(":", 1)[-1].strip()
-
-
-class Scorer:
-    """The score of each response in a rollout: `learned_weight` x the reward adapter + each Python function x its
-    weight. `parts` gives every source unweighted (evaluation reports them one by one); calling the scorer gives
-    the weighted sum that PPO optimises. `prompt_texts` and `columns` are indexed by the rollout's prompt_index."""
-
-    def __init__(self, model, learned_weight: float, functions: Mapping[str, tuple[Callable, float]],
-                 prompt_texts: Sequence[str], columns: Mapping[str, Sequence]):
-        self.model, self.learned_weight, self.functions = model, learned_weight, dict(functions)
-        self.prompt_texts, self.columns = prompt_texts, columns
-
-    def completions(self, rollout) -> list[str]:
-        tok = self.model.tokenizer
-        kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
-        return tok.batch_decode(kept, skip_special_tokens=True)
-
-    def parts(self, rollout, runner) -> dict[str, torch.Tensor]:
-        parts = {}
-        if self.learned_weight:
-            ids = rollout.ending_with(self.model.tokenizer.eos_token_id)  # the ending the reward model learned on
-            parts["learned"] = self.model.rewards(ids, rollout.attention_mask, runner=runner).cpu()
-        if self.functions:
-            rows = rollout.prompt_index.tolist()
-            completions = self.completions(rollout)
-            prompts = [self.prompt_texts[i] for i in rows]
-            columns = {k: [v[i] for i in rows] for k, v in self.columns.items()}
-            for spec, (fn, _) in self.functions.items():
-                parts[spec] = call_reward_function(fn, prompts, completions, name=spec, **columns)
-        return parts
-
-    def weights(self) -> dict[str, float]:
-        weights = {spec: weight for spec, (_, weight) in self.functions.items()}
-        return {"learned": self.learned_weight, **weights} if self.learned_weight else weights
-
-    def combine(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        weights = self.weights()
-        return combine_scores({k: v for k, v in parts.items() if k in weights}, weights)
-
-    def __call__(self, rollout, runner) -> torch.Tensor:
-        return self.combine(self.parts(rollout, runner))
-
-
-from .sql_reward import sql_execution, sql_runs  # noqa: E402,F401  the text-to-SQL execution reward (sql_reward.py)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from . import data, rewards
-from .config import ConfigError
-from .memory.runner import MicroBatchRunner
-from .models.loading import load_base
-from .models.roles import BASE, RoleModel
-from .rl.rollout import sample_rollout, stop_token_ids
-from .run_dir import EVAL_MARKER
+from .. import data, rewards
+from ..config import ConfigError
+from ..models.loading import load_base
+from ..models.roles import BASE, RoleModel
+from ..models.runner import MicroBatchRunner
+from ..rl.rollout import sample_rollout, stop_token_ids
+from ..run.directory import EVAL_MARKER
 
 # task -> (held-out table, reward functions (the first is the headline metric), new tokens per answer)
 TASKS = {
@@ -60,7 +60,8 @@ def greedy_answers(model: RoleModel, role: str, prompts: list[list[int]], max_ne
                    micro_batch: int = 16) -> list[str]:
     tok = model.tokenizer
     stops = stop_token_ids(tok, model.causal_lm.generation_config, ["eos"])
-    rollout = sample_rollout(model, prompts, torch.arange(len(prompts)), None, MicroBatchRunner("generate", micro_batch),
+    runner = MicroBatchRunner("generate", micro_batch)
+    rollout = sample_rollout(model, prompts, torch.arange(len(prompts)), None, runner,
                              max_new_tokens, 1.0, stops, role=role)
     kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
     return tok.batch_decode(kept, skip_special_tokens=True)
@@ -131,7 +132,8 @@ def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = 
         results[label] = {"scores": score_answers(loaded, texts, answers, columns), "answers": answers}
         if few_shot:  # the article's form: raw text, the first line of the continuation
             raw = [first_line(a) for a in greedy_answers(model, role, few_shot, max_new_tokens or tokens)]
-            results[f"{label} (few-shot)"] = {"scores": score_answers(loaded, few_shot_texts, raw, columns), "answers": raw}
+            scores = score_answers(loaded, few_shot_texts, raw, columns)
+            results[f"{label} (few-shot)"] = {"scores": scores, "answers": raw}
 
     for label, role in wanted.items():
         if role == BASE or (run_dir / role / "adapter_config.json").is_file():

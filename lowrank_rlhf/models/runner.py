@@ -8,7 +8,8 @@ freeing memory afterwards are accelerate's (`should_reduce_batch_size`, `clear_d
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size

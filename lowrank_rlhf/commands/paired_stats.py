@@ -45,8 +45,8 @@ def seeds_and_prompts_interval(diffs: np.ndarray, seed: int = 0) -> tuple[float,
 
 def mcnemar_p(sft: np.ndarray, rl: np.ndarray) -> float:
     """Exact McNemar: of the prompts exactly one of the two got right, is RL's share different from 1/2?"""
-    rl_only = int(np.sum((rl > sft)))
-    sft_only = int(np.sum((sft > rl)))
+    rl_only = int(np.sum(rl > sft))
+    sft_only = int(np.sum(sft > rl))
     if rl_only + sft_only == 0:
         return 1.0
     return float(stats.binomtest(rl_only, rl_only + sft_only, 0.5).pvalue)

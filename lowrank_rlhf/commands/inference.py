@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RecipeConfig, load_recipe
-from .models.loading import load_base
-from .models.roles import RoleModel
-from .models.run_metadata import read_run_metadata
+from ..config import ConfigError, RecipeConfig, load_recipe
+from ..models.loading import load_base
+from ..models.roles import RoleModel
+from ..run.metadata import read_run_metadata
 
 
 def run_recipe(run_dir: Path) -> RecipeConfig:

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from . import data
-from .config import ConfigError, RecipeConfig, load_recipe
+from .. import data
+from ..config import ConfigError, RecipeConfig, load_recipe
+from ..models.loading import load_base
+from ..models.roles import BASE, REFERENCE, RoleModel
+from ..models.runner import MicroBatchRunner
+from ..pipeline import run_stages, stages_for
+from ..recipes import recipe_path
+from ..rl.rollout import sample_rollout, stop_token_ids
 from .evaluation import TASKS
-from .models.loading import load_base
-from .pipeline import run_stages, stages_for
-from .models.roles import BASE, REFERENCE, RoleModel
-from .recipes import recipe_path
-from .memory.runner import MicroBatchRunner
-from .rl.rollout import sample_rollout, stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, paired_stats, rewards
-from .config import ConfigError
+from .. import data, rewards
+from ..config import ConfigError
+from . import paired_stats
 from .evaluation import MARKER, evaluate_run, read_best, resolve_task
 
 RESULT_FILES = ("compare.json", "compare.md", "compare.png")
@@ -203,8 +204,8 @@ def plot(result: dict, path: Path) -> None:
 def train_seeds(shared: Path, recipe: str, overrides: list[str], seeds: list[int], out: Path) -> list[Path]:
     """The RL stage once per seed, each from a copy of `shared` (its sft and reward) in OUT/seed-N. A finished seed
     (RUN/policy written) is kept; an unfinished directory is an error, never deleted."""
-    from .config import load_recipe
-    from .pipeline import run_stages
+    from ..config import load_recipe
+    from ..pipeline import run_stages
 
     if not (shared / "sft" / "adapter_config.json").is_file():
         raise ConfigError(f"compare --train-from: {shared} has no RUN/sft; run `train --stage sft` (and reward) first")

@@ -8,8 +8,9 @@ names and the exact LoRA parameter count, which only depend on the shape.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 __all__ = ["ALL_LINEAR", "KNOWN_SHAPES", "LINEAR_NAMES", "LLAMA2_7B", "LLAMA2_13B", "LLAMA2_70B", "LLAMA31_8B",
            "LLAMA_33B", "LLAMA_65B", "QWEN3_8B", "ModelShape", "linear_shapes", "lora_params", "lora_targets",
@@ -44,7 +45,7 @@ class ModelShape:
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         tie_word_embeddings: bool = False,
-    ) -> "ModelShape":
+    ) -> ModelShape:
         """Build a shape and count its parameters with the LLaMA layout (no biases)."""
         num_kv_heads = num_kv_heads or num_heads
         head_dim = head_dim or hidden_size // num_heads
@@ -53,7 +54,7 @@ class ModelShape:
         return cls(**{**asdict(shape), "num_params": _count_params(shape)})
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> "ModelShape":
+    def from_hf_config(cls, config: Any) -> ModelShape:
         """From a transformers ``PretrainedConfig`` (or a dict of its fields)."""
         get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
             lambda k, d=None: getattr(config, k, d))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from .models.run_metadata import META_FILE
+from .metadata import META_FILE
 
 OWNED_FILE = ".lowrank_rlhf-files.json"
 LOCK_FILE = ".lowrank_rlhf.lock"
