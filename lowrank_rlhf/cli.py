@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .run.signals import raise_interrupted
+from .run.signals import Interrupted, raise_interrupted
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"{what}: the last checkpoint is in the run directory; rerun with ppo.resume=true", file=sys.stderr)
+        print(f"{what}: {getattr(err, 'advice', Interrupted(signum).advice)}", file=sys.stderr)
         return 128 + signum
     except user_errors() as err:
         if args.debug:

@@ -88,6 +88,10 @@ class _TrainedStageConfig:
     epochs: float = opt(1.0, "passes over the stage's data", low=0.0)
     max_steps: int = opt(-1, "stop after this many optimizer steps; -1 = run all epochs", low=-1)
     gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", low=1)
+    save_steps: int = opt(0, "save a checkpoint (adapter, optimizer, scheduler, RNG, data position) every N optimizer "
+                          "steps into RUN/checkpoint-<stage>; 0 = only when stopped by SIGTERM/Ctrl-C", low=0)
+    save_total_limit: int = opt(2, "keep the newest N checkpoints of the stage", low=1)
+    resume: bool = opt(False, "continue the stage from its newest complete checkpoint (same recipe)")
 
 
 @dataclass

@@ -37,6 +37,8 @@ from .run import lock as run_lock
 from .run import resume_guard
 from .run.directory import RUN_FILES, RunDirError, check_writable, claim
 from .run.metadata import META_FILE, check_base, read_run_metadata
+from .stages.checkpoints import SECTIONS as STAGE_SECTIONS
+from .stages.checkpoints import has_checkpoints
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "reward", "ppo", "dpo")
@@ -68,6 +70,13 @@ def check_run_dir(cfg: RecipeConfig, run_dir: Path, stages: list[str], overwrite
     for stage in stages:
         if stage == "ppo" and cfg.ppo.resume:
             continue
+        if stage in STAGE_SECTIONS:
+            key = f"{STAGE_SECTIONS[stage]}.resume"
+            if getattr(cfg, STAGE_SECTIONS[stage]).resume:
+                continue
+            if has_checkpoints(run_dir, stage):
+                raise RunDirError(f"{run_dir} holds an unfinished {stage} stage (checkpoint-{stage}); rerun with "
+                                  f"{key}=true to continue it, or pass --overwrite to start it over")
         found = stage_outputs(run_dir, stage)
         if found:
             if stage == "dpo":  # RUN/policy may be online RL's: --overwrite replaces it and PPO's checkpoint

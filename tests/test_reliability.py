@@ -520,8 +520,8 @@ def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path):
     (tmp_path / "release").touch()  # step 2 finishes, then the checkpoint, then exit
     assert finish(proc) == 130, log_of(proc)[-3000:]
     output = log_of(proc)
-    assert output.strip().splitlines()[-1] == ("interrupted: the last checkpoint is in the run directory; rerun "
-                                               "with ppo.resume=true")
+    assert output.strip().splitlines()[-1] == ("interrupted: the RL stage saved its checkpoint at step 2; rerun the "
+                                               "same command with ppo.resume=true to continue it")
     assert "Traceback" not in output
     assert checkpoint_step(tmp_path / "run") == 2 and metric_steps(tmp_path / "run") == [1, 2]
     assert not (tmp_path / "run" / "policy").exists()  # final adapters are written only by a finished run
@@ -535,8 +535,8 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_to_the_same_adapters(
     (tmp_path / "release").touch()
     assert finish(proc) == 143, log_of(proc)[-3000:]
     output = log_of(proc)
-    assert output.strip().splitlines()[-1] == ("stopped by SIGTERM: the last checkpoint is in the run directory; "
-                                               "rerun with ppo.resume=true")
+    assert output.strip().splitlines()[-1] == ("stopped by SIGTERM: the RL stage saved its checkpoint at step 3; "
+                                               "rerun the same command with ppo.resume=true to continue it")
     assert "Traceback" not in output
     assert checkpoint_step(tmp_path / "run") == 3 and metric_steps(tmp_path / "run") == [1, 2, 3]
     assert not (tmp_path / "run" / run_lock.LOCK_FILE).exists()  # released on the way out

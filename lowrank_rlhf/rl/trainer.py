@@ -145,7 +145,8 @@ class PPOTrainer:
                 progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
                 if self._interrupted:
                     self.save_checkpoint()
-                    raise Interrupted(self._interrupted)
+                    raise Interrupted(self._interrupted, f"the RL stage saved its checkpoint at step {self.step}; "
+                                      "rerun the same command with ppo.resume=true to continue it")
                 if self._stop_for_overoptimization(metrics):
                     break
                 if self.ppo.save_steps and self.step % self.ppo.save_steps == 0:

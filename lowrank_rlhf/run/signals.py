@@ -12,9 +12,11 @@ STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 class Interrupted(KeyboardInterrupt):
     """The run stopped on a signal; a KeyboardInterrupt, so code that handles Ctrl-C handles this too."""
 
-    def __init__(self, signum: int = signal.SIGINT):
+    def __init__(self, signum: int = signal.SIGINT, advice: str | None = None):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.advice = advice or ("no checkpoint was due yet: the run directory keeps the stages that finished; "
+                                 "rerun the command to do the stopped stage again")
 
 
 def raise_interrupted(signum, frame) -> None:

@@ -12,10 +12,8 @@ TRL quirks handled here (trl 1.16):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,10 +23,12 @@ from transformers.trainer_callback import ProgressCallback
 from ..config import RecipeConfig
 from ..models.loading import compute_dtype, resolve_device
 from ..run.metadata import META_FILE, check_base, run_metadata
+from . import checkpoints
 
 
 def trainer_kwargs(cfg: RecipeConfig, stage, output_dir: str) -> dict:
-    """TrainingArguments shared by both stages: our stage config, no network, no checkpoints, a progress bar."""
+    """TrainingArguments shared by the stages: our stage config, no network, checkpoints every save_steps (and on a
+    stop signal, checkpoints.py), a progress bar."""
     device = resolve_device(cfg.model.device)
     dtype = compute_dtype(cfg.model.dtype, device)
     ckpt = {"on": True, "off": False}.get(cfg.memory.gradient_checkpointing, device.type == "cuda")
@@ -37,7 +37,9 @@ def trainer_kwargs(cfg: RecipeConfig, stage, output_dir: str) -> dict:
                 gradient_accumulation_steps=stage.gradient_accumulation_steps, max_length=stage.max_length,
                 bf16=device.type == "cuda" and dtype == torch.bfloat16, fp16=False, use_cpu=device.type == "cpu",
                 activation_checkpointing=ckpt, activation_checkpointing_kwargs={"use_reentrant": False},
-                seed=cfg.seed, data_seed=cfg.seed, report_to="none", save_strategy="no", eval_strategy="no",
+                seed=cfg.seed, data_seed=cfg.seed, report_to="none", eval_strategy="no",
+                save_strategy="steps" if stage.save_steps else "no", save_steps=stage.save_steps or 500,
+                save_total_limit=stage.save_total_limit,
                 logging_steps=1, disable_tqdm=False, push_to_hub=False)
 
 
@@ -75,17 +77,6 @@ def loss_summary(trainer, result) -> dict:
             "steps": int(result.global_step)}
 
 
-@contextlib.contextmanager
-def scratch_dir(run_dir: Path, stage: str):
-    """TRL's output_dir: a temporary folder inside the run, removed afterwards (we save what we need ourselves)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=run_dir))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def check_run_dir(run_dir: Path, model_config, cfg: RecipeConfig) -> None:
     """Fail before training, not after, when the run directory holds adapters of another base."""
     path = run_dir / META_FILE
@@ -111,13 +102,27 @@ def update_run_metadata(run_dir: Path, model_config, cfg: RecipeConfig, role: st
 
 
 def train_and_save(cfg: RecipeConfig, run_dir: Path, stage: str, make_trainer, save):
-    """Build a TRL trainer on a scratch output_dir, refuse a run directory of another base before training, train,
-    then save the stage's adapter with `save(trainer, cfg, run_dir)`. Returns (trainer, TrainOutput)."""
-    with scratch_dir(run_dir, stage) as out:
-        trainer = make_trainer(out)
-        check_run_dir(run_dir, trainer.model.get_base_model().config, cfg)
-        result = trainer.train()
-        save(trainer, cfg, run_dir)
+    """Build a TRL trainer whose output_dir is the stage's checkpoint folder, refuse a run directory of another
+    base before training, train (from the newest complete checkpoint with <section>.resume), then save the stage's
+    adapter with `save(trainer, cfg, run_dir)` and drop the checkpoints. A stop signal ends in Interrupted after a
+    checkpoint was saved. Returns (trainer, TrainOutput)."""
+    section = getattr(cfg, checkpoints.SECTIONS[stage])
+    folder = checkpoints.checkpoint_dir(run_dir, stage)
+    resume_from = checkpoints.resume_point(cfg, run_dir, stage) if section.resume else None
+    if resume_from is None and folder.exists():  # an earlier try's checkpoints (ours): this run starts over
+        shutil.rmtree(folder)
+    checkpoints.write_settings(folder, cfg, stage)
+    trainer = make_trainer(folder)
+    check_run_dir(run_dir, trainer.model.get_base_model().config, cfg)
+    stopper = checkpoints.StopOnSignal(stage)
+    trainer.add_callback(checkpoints.MarkComplete())
+    trainer.add_callback(stopper)
+    with stopper.installed():
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stopper.signum:
+        raise stopper.interrupted(folder, trainer.state.global_step)
+    save(trainer, cfg, run_dir)
+    shutil.rmtree(folder, ignore_errors=True)  # the adapter is saved: the stage's checkpoints are done with
     return trainer, result
 
 
