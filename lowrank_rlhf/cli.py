@@ -129,6 +129,12 @@ def raise_config_error(message: str) -> None:
     raise ConfigError(message)
 
 
+def cmd_verify(args) -> int:
+    from .commands.verify import print_report, verify_run
+
+    return print_report(Path(args.run), verify_run(Path(args.run), seal_unsealed=args.seal))
+
+
 def cmd_config(args) -> int:
     from .commands.config_reference import reference, write_reference
 
@@ -222,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="final", choices=("final", "best"), help="each seed's final RUN/policy, or "
                    "RUN/best (chosen on the recipe's eval_prompts; refused when those are the held-out set)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("verify", help="check every adapter, head and checkpoint of a run against its manifest")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--seal", action="store_true", help="record checksums for adapters written before manifests "
+                   "existed (after checking their files open)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("config", help="every recipe key with its type, default, allowed values and help (markdown)")
     p.add_argument("--out", help="write it to this file (e.g. docs/config.md) instead of printing it")

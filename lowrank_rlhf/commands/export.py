@@ -22,7 +22,7 @@ import torch
 
 from ..config import ConfigError
 from ..models.loading import load_base
-from ..run.checkpoint import write_atomically
+from ..run.checkpoint import CheckpointError, verify_adapter, write_atomically
 from ..run.directory import OWNED_FILE, RunDirError, check_writable, claim, owned_names
 from ..run.metadata import read_run_metadata
 from .inference import run_recipe
@@ -65,6 +65,10 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
     merge_into="original", of the original weights)."""
     read_run_metadata(run_dir)  # a clear error if this is not a run directory
     source = policy_adapter_dir(run_dir)
+    if not verify_adapter(source):  # a damaged file raised already; never pass on one nobody can check
+        raise CheckpointError(f"{source} has no manifest (written before adapters carried checksums), so export "
+                              f"cannot tell it is sound; `lowrank-rlhf verify {run_dir} --seal` checks it opens and "
+                              f"records its checksums")
     check_writable(out, "--out")  # anyone else's file: refused, also with --overwrite
     if out.exists() and owned_names(out) and not overwrite:
         raise RunDirError(f"{out} already holds an export; pass --overwrite to replace it, or choose another --out")

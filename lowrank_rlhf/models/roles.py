@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import LoraConfig
+from ..run.checkpoint import verify_adapter, write_manifest
 from ..run.metadata import META_FILE, check_base, read_run_metadata, run_metadata, warn_on_compute_dtype_change
 from .frozen_dtype import compact, compact_adapter, round_to
 from .lm_head import token_logprobs
@@ -299,11 +300,14 @@ class RoleModel(nn.Module):
                 continue
             state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
             save_file(state, str(run_dir / owner / HEAD_FILES[head]))
+        for role in roles:  # every file of the role (adapter, config, head) with its SHA-256, checked on load
+            write_manifest(run_dir / role)
         (run_dir / META_FILE).write_text(json.dumps(self.metadata(), indent=2))
 
     def load_adapter_weights(self, role: str, source: str | Path) -> None:
         """Replace `role`'s LoRA weights with a saved adapter of the same shape (a PEFT directory, e.g. RUN/best/
         policy): one loaded base then answers as either policy, without a second PeftModel on the same modules."""
+        verify_adapter(Path(source))
         state = load_file(str(Path(source) / "adapter_model.safetensors"), device=str(self.device))
         loaded = peft.set_peft_model_state_dict(self.peft, state, adapter_name=role)
         if loaded.unexpected_keys:
@@ -327,6 +331,7 @@ class RoleModel(nn.Module):
             if role == "policy" and not src.is_dir() and (run_dir / "sft").is_dir():
                 src = run_dir / "sft"
             if (src / "adapter_config.json").is_file():
+                verify_adapter(src)
                 sources[role] = src
         model = cls(base, tokenizer, lora, roles=roles, trainable=trainable, base_name=base_name,
                     quantization=quantization, sources=sources, seed=seed)

@@ -134,3 +134,35 @@ def latest(target: Path) -> Path | None:
     if (old / MANIFEST).is_file():
         return old
     return None
+
+
+def verify_adapter(directory: Path) -> bool:
+    """Check an adapter directory (RUN/sft, RUN/policy...) before anything loads or copies it. Sealed (it has our
+    manifest): every file must match it. Unsealed (written before adapters carried manifests): its safetensors
+    files must at least open. Returns whether it was sealed; raises CheckpointError in one line naming the file
+    and what to do."""
+    directory = Path(directory)
+    advice = (f"retrain that stage (--overwrite), or restore {directory} from a copy; "
+              f"`lowrank-rlhf verify {directory.parent}` checks the whole run")
+    if (directory / MANIFEST).is_file():
+        try:
+            verify(directory)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; {advice}") from None
+        return True
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    fh.get_slice(key)
+        except Exception as err:  # safetensors raises its own error types for every kind of damage
+            raise CheckpointError(f"{path}: unreadable ({str(err).splitlines()[0][:80]}); {advice}") from None
+    return False
+
+
+def seal(directory: Path) -> None:
+    """Give an unsealed adapter directory its manifest (`lowrank-rlhf verify RUN --seal`), after it opened."""
+    verify_adapter(directory)
+    write_manifest(directory)

@@ -35,7 +35,7 @@ import torch
 from ..config import ConfigError, RecipeConfig
 from ..data import DataError, encode_example_parts
 from ..models.loading import load_base
-from ..run.checkpoint import write_atomically
+from ..run.checkpoint import verify_adapter, write_atomically
 from .common import (
     free,
     loss_summary,
@@ -97,6 +97,7 @@ def load_policy_from_sft(cfg: RecipeConfig, run_dir: Path):
     if not (source / "adapter_config.json").is_file():
         raise ConfigError(f"dpo: {source} holds no SFT adapter (the DPO policy starts from it and the reference is "
                           f"a frozen copy); run --stage sft first, or train with dpo.enabled=true")
+    verify_adapter(source)
     base, tokenizer = load_base(cfg.model)
     model = peft.PeftModel.from_pretrained(base, str(source), adapter_name=POLICY, is_trainable=True)
     return model, tokenizer
@@ -133,7 +134,7 @@ def save_policy(trainer, cfg: RecipeConfig, run_dir: str | Path) -> Path:
     """The trained adapter ("default", never the reference) -> RUN/policy (plain PEFT), as online RL saves it."""
     run_dir = Path(run_dir)
     write_atomically(run_dir / "policy",
-                     lambda tmp: trainer.model.save_pretrained(str(tmp), selected_adapters=[POLICY]), manifest=False)
+                     lambda tmp: trainer.model.save_pretrained(str(tmp), selected_adapters=[POLICY]))
     update_run_metadata(run_dir, trainer.model.get_base_model().config, cfg, "policy")
     return run_dir / "policy"
 

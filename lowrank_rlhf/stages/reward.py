@@ -49,7 +49,7 @@ from ..models.loading import (
     resolve_model_path,
 )
 from ..models.roles import HEAD_FILES, RoleModel, peft_lora_config
-from ..run.checkpoint import write_atomically
+from ..run.checkpoint import verify_adapter, write_atomically
 from .common import (
     free,
     loss_summary,
@@ -139,6 +139,7 @@ def reward_from_sft(model, cfg: RecipeConfig, source: Path):
     as they are; PEFT's loader wants every modules_to_save weight in the state dict, so the fresh score goes in too."""
     from safetensors.torch import load_file
 
+    verify_adapter(Path(source).parent)
     model = peft.get_peft_model(model, reward_lora_config(cfg))
     state = load_file(str(source), device=str(model.device))
     state.update({k: v for k, v in peft.get_peft_model_state_dict(model).items() if "lora_" not in k})  # score
@@ -200,7 +201,7 @@ def save_reward(trainer, cfg: RecipeConfig, run_dir: str | Path) -> Path:
         save_file(lora, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         save_file(head, str(tmp / HEAD_FILES["reward"]))
 
-    write_atomically(run_dir / "reward", write, manifest=False)
+    write_atomically(run_dir / "reward", write)
     update_run_metadata(run_dir, model.get_base_model().config, cfg, "reward", head="reward")
     return run_dir / "reward"
 

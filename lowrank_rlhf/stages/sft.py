@@ -79,7 +79,7 @@ def save_sft(trainer, cfg: RecipeConfig, run_dir: str | Path) -> Path:
     """The trained adapter -> RUN/sft (plain PEFT), and `sft` into RUN/lowrank_rlhf.json."""
     run_dir = Path(run_dir)
     # adapter "default" lands in the folder itself, not in a subfolder
-    write_atomically(run_dir / "sft", lambda tmp: trainer.model.save_pretrained(str(tmp)), manifest=False)
+    write_atomically(run_dir / "sft", lambda tmp: trainer.model.save_pretrained(str(tmp)))
     if (run_dir / "policy").is_dir():
         log.warning("%s/policy exists and does not start from the new sft adapter; delete it to restart PPO", run_dir)
     update_run_metadata(run_dir, trainer.model.get_base_model().config, cfg, "sft")
