@@ -89,7 +89,8 @@ def cmd_plan(args) -> int:
 def cmd_generate(args) -> int:
     from .commands.inference import generate_from_run
 
-    for text in generate_from_run(Path(args.run), args.prompt, role=args.role, max_new_tokens=args.max_new_tokens):
+    for text in generate_from_run(Path(args.run), args.prompt, role=args.role, max_new_tokens=args.max_new_tokens,
+                                  truncate=args.truncate):
         print(text)
     return 0
 
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for several)")
     p.add_argument("--role", default="policy", choices=("policy", "sft", "base"), help="which adapter answers")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--truncate", action="store_true", help="cut a prompt longer than the model's context from the "
+                   "left (keeping its end) instead of refusing it")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="export a run's policy: the adapter alone, or merged into a bf16 model")

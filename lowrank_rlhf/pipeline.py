@@ -87,6 +87,17 @@ def check_run_dir(cfg: RecipeConfig, run_dir: Path, stages: list[str], overwrite
                               f"{resume}, or choose another --output-dir")
 
 
+def check_context(cfg: RecipeConfig, model_config) -> None:
+    """A rollout (prompt + response) must fit the context: model.max_length, and the positions the model knows."""
+    positions = getattr(model_config, "max_position_embeddings", None) or cfg.model.max_length
+    context = min(cfg.model.max_length, positions)
+    need = cfg.data.max_prompt_length + cfg.ppo.response_length
+    if need > context:
+        raise ConfigError(f"data.max_prompt_length + ppo.response_length = {need} tokens, past the model's context of "
+                          f"{context} (model.max_length {cfg.model.max_length}, the model's {positions} positions); "
+                          f"lower one of them" + (" or raise model.max_length" if context < positions else ""))
+
+
 def preflight(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
     """Every check of the user's input that needs no model weights, before the run directory is touched: a bad
     input must leave an existing run as it was (its recipe.yaml, and with --overwrite its PPO results)."""
@@ -109,11 +120,13 @@ def preflight(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
             check_reward_accuracy(cfg, run_dir)
     path = resolve_model_path(cfg.model.name)
     check_llama_family(path, cfg.model.trust_remote_code)
-    if (run_dir / META_FILE).is_file():
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        check_base(read_run_metadata(run_dir), AutoConfig.from_pretrained(
-            path, trust_remote_code=cfg.model.trust_remote_code), cfg.model.name, run_dir)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    if "ppo" in stages:
+        check_context(cfg, model_config)
+    if (run_dir / META_FILE).is_file():
+        check_base(read_run_metadata(run_dir), model_config, cfg.model.name, run_dir)
     if "ppo" in stages:
         plan_recipe(cfg)  # a budget below the static floor
         if cfg.data.long_prompts == "error":

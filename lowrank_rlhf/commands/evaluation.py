@@ -13,14 +13,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from .. import data, rewards
 from ..config import ConfigError
 from ..models.loading import load_base
 from ..models.roles import BASE, RoleModel
-from ..models.runner import MicroBatchRunner
-from ..rl.rollout import sample_rollout, stop_token_ids
+from ..rl.rollout import greedy_answers
 from ..run.directory import EVAL_MARKER
 
 # task -> (held-out table, reward functions (the first is the headline metric), new tokens per answer)
@@ -53,18 +50,6 @@ def resolve_task(task: str | None, held_out: str | None, functions: list[str] | 
         raise ConfigError(f"eval: unknown task {task!r}; allowed values: {', '.join(TASKS)}")
     table, specs, tokens = TASKS[task] if task else (None, None, 64)
     return held_out or table, list(functions or specs), tokens
-
-
-@torch.no_grad()
-def greedy_answers(model: RoleModel, role: str, prompts: list[list[int]], max_new_tokens: int,
-                   micro_batch: int = 16) -> list[str]:
-    tok = model.tokenizer
-    stops = stop_token_ids(tok, model.causal_lm.generation_config, ["eos"])
-    runner = MicroBatchRunner("generate", micro_batch)
-    rollout = sample_rollout(model, prompts, torch.arange(len(prompts)), None, runner,
-                             max_new_tokens, 1.0, stops, role=role)
-    kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
-    return tok.batch_decode(kept, skip_special_tokens=True)
 
 
 def few_shot_clickbait_prompts(chat_prompts: list) -> list[str]:
@@ -104,7 +89,7 @@ def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = 
                  few_shot_rows: bool = True) -> dict:
     """Scores of base / sft / policy / best (those of `models` the run has) on the held-out set; writes
     RUN/eval-<name>.json. `few_shot_rows=False` skips clickbait's few-shot form (compare needs only the chat form)."""
-    from .inference import run_recipe
+    from .inference import context_length, run_recipe
 
     run_dir = Path(run_dir)
     source, specs, tokens = resolve_task(task, held_out, functions)
@@ -118,7 +103,13 @@ def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = 
     started = time.perf_counter()
     model = model or load_run_roles(run_dir, cfg)
     texts = data.prompt_texts(table, model.tokenizer)
-    prompts = data.encode_prompts(table, model.tokenizer, cfg.data.max_prompt_length, "truncate")
+    room = context_length(model, cfg.model.max_length) - (max_new_tokens or tokens)
+    if room < 1:
+        raise ConfigError(f"eval: --max-new-tokens {max_new_tokens or tokens} leaves no room for a prompt in the "
+                          f"model's context of {room + (max_new_tokens or tokens)} tokens")
+    # the recipe's rule for long prompts (data.long_prompts: truncate with a warning, or error), within the context
+    prompts = data.encode_prompts(table, model.tokenizer, min(cfg.data.max_prompt_length, room),
+                                  cfg.data.long_prompts, name="--held-out")
     columns = {c: table[c] for c in table.column_names if c != "prompt"}
     wanted = {k: v for k, v in {"base": BASE, "sft": "sft", "policy": "policy"}.items() if k in models}
     few_shot_texts = (few_shot_clickbait_prompts(list(table["prompt"]))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from .. import data
 from ..config import ConfigError, RecipeConfig, load_recipe
+from ..data import DataError
 from ..models.loading import load_base
 from ..models.roles import RoleModel
+from ..rl.rollout import greedy_answers
 from ..run.metadata import read_run_metadata
 
 
@@ -31,24 +32,42 @@ def load_run(run_dir: Path, roles=("policy", "sft")) -> RoleModel:
                           quantization=cfg.model.quantization, roles=present, trainable=())
 
 
-def chat_prompt(tokenizer, text: str) -> str:
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return text
+def context_length(model: RoleModel, max_length: int) -> int:
+    """The longest prompt + answer the run's model is asked to handle: model.max_length, and never past the
+    positions the model was trained on."""
+    positions = getattr(model.causal_lm.config, "max_position_embeddings", None)
+    return min(max_length, positions) if positions else max_length
 
 
-@torch.no_grad()
-def answer(model: RoleModel, prompts: list[str], role: str = "policy", max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers to chat prompts under `role` (policy, sft or base = adapters disabled)."""
-    tok = model.tokenizer
-    texts = [chat_prompt(tok, p) for p in prompts]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    out = model.generate(role, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=tok.eos_token_id)
-    return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+def encode_questions(model: RoleModel, prompts: list[str], max_new_tokens: int, max_length: int,
+                     truncate: bool = False) -> list[list[int]]:
+    """User questions as the run's prompts are encoded (data.chat: a user turn through the chat template, or plain
+    text), refused in one line when prompt + answer would run past the context, or cut from the left with
+    `truncate`."""
+    tok, context = model.tokenizer, context_length(model, max_length)
+    room = context - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"--max-new-tokens: {max_new_tokens} leaves no room for a prompt in the model's context of "
+                          f"{context} tokens; allowed: at most {context - 1}")
+    rows = [[{"role": "user", "content": p}] if tok.chat_template else p for p in prompts]
+    ids = data.encode_prompts(rows, tok, context * 1000, name="--prompt")
+    too_long = [len(row) for row in ids if len(row) > room]
+    if too_long and not truncate:
+        raise DataError(f"--prompt: {len(too_long)} of {len(ids)} prompts are longer than the {room} tokens the "
+                        f"context leaves (model.max_length {context} less --max-new-tokens {max_new_tokens}; longest: "
+                        f"{max(too_long)}); shorten them, or pass --truncate to keep their end")
+    return data.encode_prompts(rows, tok, room, "truncate", name="--prompt") if too_long else ids
 
 
-def generate_from_run(run_dir: Path, prompts: list[str], role: str = "policy", max_new_tokens: int = 64):
+def answer(model: RoleModel, prompts: list[str], role: str = "policy", max_new_tokens: int = 64,
+           max_length: int = 1024, truncate: bool = False) -> list[str]:
+    """Greedy answers to user questions under `role` (policy, sft or base = adapters disabled)."""
+    ids = encode_questions(model, prompts, max_new_tokens, max_length, truncate)
+    return greedy_answers(model, role, ids, max_new_tokens)
+
+
+def generate_from_run(run_dir: Path, prompts: list[str], role: str = "policy", max_new_tokens: int = 64,
+                      truncate: bool = False):
     model = load_run(run_dir)
-    return answer(model, prompts, role=role, max_new_tokens=max_new_tokens)
+    return answer(model, prompts, role=role, max_new_tokens=max_new_tokens,
+                  max_length=run_recipe(run_dir).model.max_length, truncate=truncate)

@@ -135,3 +135,17 @@ def sample_rollout(model: RoleModel, prompts: list[list[int]], index: torch.Tens
                    attention_mask=torch.cat([query_mask, mask], dim=1), response_start=query.shape[1],
                    response_mask=mask, prompt_index=index, has_stop=has_stop,
                    sample_index=sample_index if sample_index is not None else torch.zeros_like(index))
+
+
+@torch.no_grad()
+def greedy_answers(model: RoleModel, role: str, prompts: list[list[int]], max_new_tokens: int,
+                   micro_batch: int = 16) -> list[str]:
+    """Greedy answers of `role` to tokenized prompts, stopping at eos: the one greedy path of `eval`, `generate` and
+    the quickstart's report (the rollout code, so the answers are what RL would sample at temperature 0)."""
+    tok = model.tokenizer
+    stops = stop_token_ids(tok, model.causal_lm.generation_config, ["eos"])
+    runner = MicroBatchRunner("generate", micro_batch)
+    rollout = sample_rollout(model, prompts, torch.arange(len(prompts)), None, runner,
+                             max_new_tokens, 1.0, stops, role=role)
+    kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
+    return tok.batch_decode(kept, skip_special_tokens=True)
