@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "transformers", "peft"):
+    for noisy in ("httpx", "urllib3", "datasets", "transformers", "peft", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # SIGTERM outside the PPO loop (which handles it itself) unwinds like Ctrl-C: the run directory's lock is
     # released and TRL's scratch folders removed, then exit 143.

@@ -4,9 +4,11 @@ LLaMA-family, put on its device in its compute dtype and loaded once in 4-bit, 8
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
 
 from ..config import ConfigError, ModelConfig
 from .builtin import BUILTIN_MODELS, builtin_model_path
@@ -85,15 +87,29 @@ def keep_one_cpu_4bit_path(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+@contextmanager
+def quiet_weight_loading():
+    """Without transformers' per-tensor "Loading weights" bar (272 ticks for SmolLM2, printed at every load of a
+    run: the quickstart loads the base eight times). Other progress bars (training, datasets) are not its."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_base(cfg: ModelConfig):
     """Load the shared base once, quantized as asked, frozen; return (model, tokenizer)."""
     path = resolve_model_path(cfg.name)
     check_llama_family(path, cfg.trust_remote_code)
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, quantization_config=quantization_config(cfg.quantization, dtype),
-        device_map={"": device}, trust_remote_code=cfg.trust_remote_code)
+    with quiet_weight_loading():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization_config(cfg.quantization, dtype),
+            device_map={"": device}, trust_remote_code=cfg.trust_remote_code)
     model.requires_grad_(False)
     if device.type == "cpu":
         keep_one_cpu_4bit_path(model)

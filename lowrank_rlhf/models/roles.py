@@ -239,9 +239,9 @@ class RoleModel(nn.Module):
         """Eval mode, KV cache on and gradient checkpointing off: checkpointing disables the cache and makes
         decoding quadratic."""
         model = self.causal_lm
-        was_training, was_ckpt = model.training, getattr(model, "is_gradient_checkpointing", False)
+        was_training, was_ckpt = model.training, model.is_activation_checkpointing  # transformers 5 names
         if was_ckpt:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.eval()
         try:
             yield
@@ -262,10 +262,10 @@ class RoleModel(nn.Module):
         """Checkpointing only acts in train mode in transformers; dropout is 0 so train mode is otherwise neutral."""
         model = self.causal_lm
         if on:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.train()
         else:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
             model.eval()
 
     # ---- parameters -------------------------------------------------------------------------------------------

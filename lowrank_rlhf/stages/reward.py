@@ -45,6 +45,7 @@ from ..models.loading import (
     load_base,
     load_tokenizer,
     quantization_config,
+    quiet_weight_loading,
     resolve_device,
     resolve_model_path,
 )
@@ -114,7 +115,7 @@ def load_reward_base(cfg: RecipeConfig):
     except ImportError:
         suppress_seqcls_warning = contextlib.nullcontext
     torch.manual_seed(cfg.seed)  # the score head is initialised randomly
-    with suppress_seqcls_warning():
+    with suppress_seqcls_warning(), quiet_weight_loading():
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=dtype, quantization_config=quantization_config(cfg.model.quantization, dtype),
             device_map={"": device}, trust_remote_code=cfg.model.trust_remote_code)
