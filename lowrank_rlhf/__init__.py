@@ -42,7 +42,7 @@ _PUBLIC = {
     "build_trainer": "pipeline", "load_roles": "pipeline", "run_stages": "pipeline",
     "BASE": "models.roles", "REFERENCE": "models.roles", "RoleModel": "models.roles",
     "Rollout": "rl.experience",
-    "PPOTrainer": "rl.trainer",
+    "PPOTrainer": "rl.trainer", "RLTrainer": "rl.trainer", "RLConfig": "config",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -214,6 +214,9 @@ class PPOConfig:
     report_to: str = opt("none", "extra metric sink besides metrics.jsonl", choices=("none", "tensorboard", "wandb"))
 
 
+RLConfig = PPOConfig  # online RL's settings, whichever ppo.algorithm (the recipe section is rl: or ppo:)
+
+
 @dataclass
 class RecipeConfig:
     """The whole recipe. Sections group settings by concern, as in alignment-handbook recipes."""

@@ -14,8 +14,9 @@ from .algorithms import has_critic, needs_reference, old_logprobs_from_update
 from .experience import Experience, Rollout, trim_columns
 from .ppo import RunningMoments, kl_penalty, normalize_and_clip_scores
 
-# scorer(rollout, runner) -> one score per sequence (pipeline.Scorer: the learned reward and Python functions)
-Scorer = Callable[[Rollout, MicroBatchRunner], torch.Tensor]
+# score_fn(rollout, runner) -> one score per sequence (rewards.Scorer is one: the learned reward and Python
+# functions; tests pass plain functions)
+ScoreFn = Callable[[Rollout, MicroBatchRunner], torch.Tensor]
 RowFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -44,7 +45,7 @@ def map_rows(rollout: Rollout, runner: MicroBatchRunner, fn: RowFn) -> torch.Ten
 
 
 @torch.no_grad()
-def score_rollout(model: RoleModel, rollout: Rollout, scorer: Scorer, runner: MicroBatchRunner, ppo: PPOConfig,
+def score_rollout(model: RoleModel, rollout: Rollout, scorer: ScoreFn, runner: MicroBatchRunner, ppo: PPOConfig,
                   score_moments: RunningMoments,
                   gather_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Experience:
     """Without a critic (grpo, rloo, reinforce_pp) no values; with beta=0 no reference forward either; with one

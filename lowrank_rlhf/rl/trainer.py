@@ -24,7 +24,6 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather, reduce
 from transformers import get_scheduler
-from trl.trainer.utils import disable_dropout_in_model
 
 from ..config import ConfigError, RecipeConfig, to_dict
 from ..memory import PHASES
@@ -37,12 +36,12 @@ from . import state as run_state
 from .decoding import StaticDecoder
 from .experience import Experience, Rollout, TrainBatch
 from .health import HeldOutEval, OveroptimizationAlarm, best_metric_name
-from .optim import build_optimizer
+from .optim import build_optimizer, turn_off_dropout
 from .ppo import AdaptiveKLController, FixedKLController, RunningMoments, gae, masked_whiten, token_rewards
 from .reporting import MetricsLog
 from .rollout import sample_rollout, stop_token_ids
 from .sampling import row_keys
-from .scoring import Scorer, measure_kl, score_rollout
+from .scoring import ScoreFn, measure_kl, score_rollout
 from .timing import PhaseClock
 
 log = logging.getLogger(__name__)
@@ -52,21 +51,10 @@ class NonFiniteError(RuntimeError):
     """Too many PPO updates in a row had NaN/inf losses or gradients."""
 
 
-def turn_off_dropout(model: RoleModel) -> None:
-    """No dropout in RL (TRL's PPO default, `disable_dropout`). With it, the old, reference and new logprobs of one
-    token would come from different random masks: KL is not 0 at step 0 and the ratio is noise. Adapters may carry
-    a dropout the recipe does not show (a loaded SFT adapter's own adapter_config), so every module is checked."""
-    rates = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0})
-    if rates:
-        log.warning("dropout %s turned off for the RL stage: it would make the old, reference and new logprobs of a "
-                    "token disagree (lora.dropout applies to SFT, reward and DPO only)", ", ".join(map(str, rates)))
-    disable_dropout_in_model(model)
-
-
 class PPOTrainer:
     """PPO with LoRA roles on one base. `scorer(rollout, runner)` returns one score per sequence."""
 
-    def __init__(self, model: RoleModel, cfg: RecipeConfig, prompts: list[list[int]], scorer: Scorer,
+    def __init__(self, model: RoleModel, cfg: RecipeConfig, prompts: list[list[int]], scorer: ScoreFn,
                  run_dir: str | Path | None = None, micro_batches: dict | None = None,
                  oom_injection: dict | None = None, force_response_length: bool = False,
                  show_progress: bool = True, on_step: Callable[[dict], None] | None = None,
@@ -417,3 +405,6 @@ class PPOTrainer:
             raise Interrupted(signum)
         self._interrupted = signum
         log.warning("%s: finishing this step, writing a checkpoint, then stopping (%s again to abort)", name, name)
+
+
+RLTrainer = PPOTrainer  # the online RL loop by its own name: it runs ppo, grpo, rloo and reinforce_pp
