@@ -36,7 +36,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelNotice(
 _PUBLIC = {
     "ConfigError": "config", "RecipeConfig": "config", "load_recipe": "config",
     "MemoryBudgetError": "memory.plan", "MemoryPlan": "memory.plan", "plan_recipe": "memory.plan",
-    "ModelShape": "memory.shapes",
+    "ModelShape": "models.shapes",
     "build_smollm2": "models.builtin", "build_tiny_llama": "models.builtin",
     "load_base": "models.loading",
     "build_trainer": "pipeline", "load_roles": "pipeline", "run_stages": "pipeline",

@@ -84,7 +84,8 @@ def test_an_adapter_from_before_manifests_loads_is_refused_by_export_until_seale
     assert "unsealed  policy:" in capsys.readouterr().out
     assert main(["verify", str(run), "--seal"]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
-    assert (out / "adapter_model.safetensors").read_bytes() == (run / "policy" / "adapter_model.safetensors").read_bytes()
+    exported = (out / "adapter_model.safetensors").read_bytes()
+    assert exported == (run / "policy" / "adapter_model.safetensors").read_bytes()
 
 
 def test_an_unreadable_adapter_without_a_manifest_is_refused_in_one_line(run, capsys):

@@ -2,7 +2,7 @@
 TRL's own GRPOTrainer (`--algorithm grpo --layouts ours,trl-grpo`).
 
 The same command measures a CPU run with tiny-llama or SmolLM2 and a GPU run with a published shape (LLaMA-1/2
-7B-70B, Llama-3.1-8B, Qwen3-8B: the short names of memory/shapes.py's table); every size is a flag (args.py). Those
+7B-70B, Llama-3.1-8B, Qwen3-8B: the short names of models/shapes.py's table); every size is a flag (args.py). Those
 shapes are built with random weights directly in 4-bit on the GPU (models/random_llama.py):
 memory and speed do not depend on the weights' values.
 
