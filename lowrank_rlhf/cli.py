@@ -130,6 +130,13 @@ def raise_config_error(message: str) -> None:
     raise ConfigError(message)
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(Path(args.run), host=args.host, port=args.port, api_key=args.api_key, max_tokens=args.max_tokens)
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .commands.verify import print_report, verify_run
 
@@ -231,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="final", choices=("final", "best"), help="each seed's final RUN/policy, or "
                    "RUN/best (chosen on the recipe's eval_prompts; refused when those are the held-out set)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API for a run: models base, sft, policy and best")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--max-tokens", type=int, default=512, help="the most tokens one answer may ask for")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("verify", help="check every adapter, head and checkpoint of a run against its manifest")
     p.add_argument("run", help="run directory")

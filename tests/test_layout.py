@@ -21,7 +21,7 @@ LAYERS = [
     ("rl",),
     ("stages",),
     ("pipeline",),
-    ("commands",),
+    ("commands", "serve"),
     ("bench",),
     ("cli", "__main__"),
 ]
