@@ -133,7 +133,11 @@ def raise_config_error(message: str) -> None:
 def cmd_serve(args) -> int:
     from .serve import serve
 
-    serve(Path(args.run), host=args.host, port=args.port, api_key=args.api_key, max_tokens=args.max_tokens)
+    compare = tuple(args.compare.split(",")) if args.compare != "none" else None
+    if compare is not None and len(compare) != 2:
+        raise_config_error(f"--compare: expected two models such as sft,policy, got {args.compare!r}")
+    serve(Path(args.run), host=args.host, port=args.port, api_key=args.api_key, max_tokens=args.max_tokens,
+          feedback=compare)
     return 0
 
 
@@ -245,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--max-tokens", type=int, default=512, help="the most tokens one answer may ask for")
+    p.add_argument("--compare", default="sft,policy", help="the two models the /feedback page shows side by side "
+                   "(default sft,policy; none = no page)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("verify", help="check every adapter, head and checkpoint of a run against its manifest")

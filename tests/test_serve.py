@@ -2,6 +2,7 @@
 on a tiny-llama run (base, sft, policy and best)."""
 
 import concurrent.futures
+import json
 import os
 import shutil
 import socket
@@ -175,3 +176,97 @@ def test_a_client_that_leaves_mid_stream_frees_the_server(server, client):
     started = time.time()
     assert chat(client, "policy")
     assert time.time() - started < 60
+
+
+# ---- the feedback page ----------------------------------------------------------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def preference_lines(run: Path) -> list[dict]:
+    path = run / "feedback" / "preferences.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium (.ci/run installs it)")
+def test_a_person_judges_in_a_real_browser_and_the_pair_is_saved(server, served_run):
+    from playwright.sync_api import sync_playwright
+
+    before = len(preference_lines(served_run))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/feedback?key={KEY}")
+            page.click("#draw")
+            page.wait_for_function("document.getElementById('prompt').value.length > 0")
+            prompt = page.input_value("#prompt")
+            page.click("#ask")
+            page.wait_for_function("document.getElementById('status').textContent != 'answering...'")
+            assert page.text_content("#status") == "Which is better?", page.text_content("#status")
+            shown_a = page.text_content("#answer-a")
+            page.keyboard.press("1")  # A is better, from the keyboard
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('saved')")
+            assert page.text_content("#status") == "saved (1 pair)"
+
+            page.fill("#prompt", "Write one word.")
+            page.click("#ask")
+            page.wait_for_selector("#pick-tie:not([disabled])", timeout=120_000)  # its answers came
+            page.fill("#better", "Hello.")
+            page.click("#pick-tie")  # both bad, with a better answer typed in: it beats each of them
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('saved')")
+            assert page.text_content("#status") == "saved (2 pairs)"
+        finally:
+            browser.close()
+    lines = preference_lines(served_run)[before:]
+    assert len(lines) == 3
+    first = lines[0]
+    assert first["kind"] == "human" and first["prompt"] == [{"role": "user", "content": prompt}]
+    assert first["chosen"] == [{"role": "assistant", "content": shown_a}]
+    assert {first["chosen_model"], first["rejected_model"]} == {"sft", "policy"}
+    assert [line["chosen"][0]["content"] for line in lines[1:]] == ["Hello.", "Hello."]
+    assert {line["rejected_model"] for line in lines[1:]} == {"sft", "policy"}
+
+
+def test_judgements_from_two_clients_at_once_are_all_saved_whole(server, served_run):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def judge_one(i):
+        pair = httpx.post(f"{server}/feedback/pair", json={"prompt": f"Question {i}?"}, headers=headers,
+                          timeout=120).json()
+        done = httpx.post(f"{server}/feedback/judge", json={"pair_id": pair["pair_id"], "choice": "ab"[i % 2]},
+                          headers=headers, timeout=120)
+        assert done.status_code == 200, done.text
+        return pair["pair_id"]
+
+    before = len(preference_lines(served_run))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(judge_one, range(10)))
+    lines = preference_lines(served_run)[before:]  # every line parses: none torn or interleaved
+    assert sorted(line["prompt"][0]["content"] for line in lines) == sorted(f"Question {i}?" for i in range(10))
+    again = httpx.post(f"{server}/feedback/judge", json={"pair_id": "0" * 16, "choice": "a"}, headers=headers)
+    assert again.status_code == 404 and "unknown or already judged" in again.json()["error"]["message"]
+
+
+def test_the_feedback_file_trains_a_reward_model(served_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run)
+    feedback = run / "feedback" / "preferences.jsonl"
+    if len(preference_lines(run)) < 4:
+        pytest.skip("needs the judgements of the tests above")
+    run_stages(load_recipe(TINY, [f"data.preferences={feedback}", "data.eval_fraction=0",
+                                  "reward_model.max_steps=2"]), ["reward"], run, overwrite=True)
+    assert (run / "reward" / "adapter_model.safetensors").is_file()
+
+
+def test_a_line_cut_short_by_a_crash_is_dropped_when_the_file_is_opened_again(tmp_path):
+    from lowrank_rlhf.serve.feedback import JsonLines
+
+    path = tmp_path / "preferences.jsonl"
+    lines = JsonLines(path)
+    lines.append({"a": 1})
+    lines.append({"b": 2})
+    path.write_bytes(path.read_bytes() + b'{"c": 3, "cho')  # a crash mid-write
+    JsonLines(path).append({"d": 4})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"b": 2}, {"d": 4}]

@@ -20,7 +20,7 @@ EVAL_MARKER = "lowrank_rlhf eval"  # evaluation.py writes it near the top of eve
 # Everything a run may write at the top of its directory: the stages' outputs, PEFT's model card (README.md, written
 # by save_pretrained beside the adapters), the PPO loop's files, the quickstart's report and the trackers' folders.
 RUN_FILES = ("recipe.yaml", META_FILE, "README.md", "sft", "reward", "policy", "value", "best", "checkpoint",
-             "checkpoint-sft", "checkpoint-reward", "checkpoint-dpo",
+             "checkpoint-sft", "checkpoint-reward", "checkpoint-dpo", "feedback",
              "metrics.jsonl", "tensorboard", "wandb", "report.json", "curves.png", OWNED_FILE, LOCK_FILE)
 
 

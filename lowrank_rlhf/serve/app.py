@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .engine import Cancelled, Engine, RequestError
+from .feedback import feedback_router
 
 
 class ChatMessage(BaseModel):
@@ -54,13 +55,15 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
-def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+def build_app(engine: Engine, api_key: str | None = None, feedback: tuple[str, str] | None = ("sft", "policy")
+              ) -> FastAPI:
+    """The API; with `feedback` (two of the run's models) also the preference page (feedback.py)."""
     app = FastAPI(title="lowrank_rlhf", docs_url=None, redoc_url=None)
     created = int(time.time())
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key is not None:
+        if api_key is not None and request.url.path != "/feedback":  # the page itself sends the key (?key=)
             sent = request.headers.get("authorization", "")
             if not secrets.compare_digest(sent, f"Bearer {api_key}"):
                 return error(401, "Incorrect API key provided", code="invalid_api_key")
@@ -158,4 +161,6 @@ def build_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         finally:
             cancelled.event.set()  # a no-op after a finished generation; ends one whose client left
 
+    if feedback is not None:
+        app.include_router(feedback_router(engine, feedback))
     return app
