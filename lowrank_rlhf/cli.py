@@ -99,8 +99,11 @@ def cmd_export(args) -> int:
     from .commands.export import export_run
 
     out = export_run(Path(args.run), Path(args.out), merge=args.merge or bool(args.merge_into),
-                     overwrite=args.overwrite, merge_into=args.merge_into or "dequantized")
+                     overwrite=args.overwrite, merge_into=args.merge_into or "dequantized", fmt=args.format,
+                     quant=args.quant)
     print(f"exported to {out}")
+    if args.format == "gguf":
+        print(f"Ollama: cd {out} && ollama create my-policy -f Modelfile   (llama.cpp: llama-cli -m {out}/model.gguf)")
     return 0
 
 
@@ -215,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-into", choices=("dequantized", "original"), help="with --merge: the weights to merge "
                    "into; dequantized (default) = the quantized base the adapter was trained on, in bf16; original = "
                    "the unquantized checkpoint (warns: the adapter never saw those weights)")
+    p.add_argument("--format", default="peft", choices=("peft", "gguf"), help="peft (default): the adapter, or with "
+                   "--merge a transformers model; gguf: the merged policy as one GGUF file for llama.cpp and Ollama")
+    p.add_argument("--quant", default="f16", choices=("f16", "q8_0"), help="with --format gguf: the weights' type")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (never other files)")
     p.set_defaults(func=cmd_export)
 

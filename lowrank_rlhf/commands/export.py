@@ -29,6 +29,8 @@ from .inference import run_recipe
 
 log = logging.getLogger(__name__)
 MERGE_TARGETS = ("dequantized", "original")
+FORMATS = ("peft", "gguf")
+GGUF_FILE = "model.gguf"
 
 
 def policy_adapter_dir(run_dir: Path) -> Path:
@@ -60,7 +62,7 @@ def merged_policy(run_dir: Path, merge_into: str = "dequantized"):
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = False,
-               merge_into: str = "dequantized") -> Path:
+               merge_into: str = "dequantized", fmt: str = "peft", quant: str = "f16") -> Path:
     """The policy adapter alone (plain PEFT), or merged into a bf16 copy of the run's dequantized base (or, with
     merge_into="original", of the original weights)."""
     read_run_metadata(run_dir)  # a clear error if this is not a run directory
@@ -73,8 +75,17 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
     if out.exists() and owned_names(out) and not overwrite:
         raise RunDirError(f"{out} already holds an export; pass --overwrite to replace it, or choose another --out")
 
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: {fmt!r} is not allowed; allowed values: {', '.join(FORMATS)}")
+
     def write(tmp: Path) -> None:
-        if merge:
+        if fmt == "gguf":  # the merged policy, for llama.cpp / Ollama
+            from .gguf_export import ollama_modelfile, write_gguf
+
+            model, tokenizer = merged_policy(run_dir, merge_into)
+            write_gguf(model, tokenizer, tmp / GGUF_FILE, quant)
+            (tmp / "Modelfile").write_text(ollama_modelfile(GGUF_FILE))
+        elif merge:
             model, tokenizer = merged_policy(run_dir, merge_into)
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
