@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = {"01_quickstart.ipynb", "02_llama_7b_13b_on_24gb.ipynb", "03_custom_data_and_rewards.ipynb",
-            "04_text_to_sql.ipynb", "05_algorithms.ipynb"}
+            "04_text_to_sql.ipynb", "05_algorithms.ipynb", "06_serve_and_feedback.ipynb"}
 BADGE = "https://colab.research.google.com/github/lowrank-rlhf/lowrank_rlhf/blob/main/notebooks/{}"
 CELL_TIMEOUT_S = 900  # a bound against hangs, not a speed target: a busy 2-core machine needs minutes per training cell
 

@@ -270,3 +270,37 @@ def test_a_line_cut_short_by_a_crash_is_dropped_when_the_file_is_opened_again(tm
     path.write_bytes(path.read_bytes() + b'{"c": 3, "cho')  # a crash mid-write
     JsonLines(path).append({"d": 4})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"b": 2}, {"d": 4}]
+
+
+@pytest.mark.slow
+def test_eight_clients_twenty_requests_each_mixed_streaming_get_no_server_error(server, served_run):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    before = len(preference_lines(served_run))
+
+    def client_session(c):
+        statuses = []
+        for r in range(20):
+            body = {"model": ["policy", "sft", "base", "best"][(c + r) % 4], "max_tokens": 8, "temperature": 0.8,
+                    "seed": r, "messages": [{"role": "user", "content": f"client {c} request {r}"}]}
+            if r % 3 == 0:
+                with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True},
+                                  headers=headers, timeout=300) as response:
+                    events = [line for line in response.iter_lines() if line.startswith("data: ")]
+                    statuses.append(response.status_code)
+                    assert events[-1] == "data: [DONE]"
+            elif r % 7 == 0:
+                pair = httpx.post(f"{server}/feedback/pair", json={"prompt": f"c{c} r{r}"}, headers=headers,
+                                  timeout=300)
+                judged = httpx.post(f"{server}/feedback/judge", json={"pair_id": pair.json()["pair_id"],
+                                                                      "choice": "a"}, headers=headers, timeout=300)
+                statuses += [pair.status_code, judged.status_code]
+            else:
+                statuses.append(httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers,
+                                           timeout=300).status_code)
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = [s for session in pool.map(client_session, range(8)) for s in session]
+    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    lines = preference_lines(served_run)[before:]
+    assert len(lines) == 8 * 2  # r = 7 and 14 per client, each line whole
