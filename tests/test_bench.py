@@ -454,3 +454,20 @@ def test_random_llama_in_8bit_and_full_precision(quantization, layer_type):
     assert logits.shape == (2, 6, 300) and torch.isfinite(logits).all()
     expected = weight_bytes(ModelShape.from_hf_config(base.config), quantization, 4)
     assert model_weight_bytes(base) == pytest.approx(expected, rel=0.01)
+
+
+def test_bench_takes_a_recipe_and_overrides_like_train_and_a_flag_wins(tmp_path):
+    from lowrank_rlhf.bench.args import BenchArgumentError, check_sizes
+    from lowrank_rlhf.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "recipes/llama2-7b-grpo-rtx3090.yaml", "--batch", "4"])
+    args.overrides = ["ppo.response_length=64"]
+    check_sizes(args)
+    assert (args.model, args.algorithm, args.num_generations) == ("llama2-7b", "grpo", 8)
+    assert (args.batch, args.response_len, args.prompt_len, args.budget) == (4, 64, 256, "24GiB")
+    assert args.layouts == "ours"  # the four-model layouts are PPO's
+    plain = parser.parse_args(["bench", "--batch", "4"])
+    plain.overrides = ["ppo.kl_coef=0.1"]
+    with pytest.raises(BenchArgumentError, match="key=value overrides .* need a recipe"):
+        check_sizes(plain)

@@ -78,7 +78,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "of more than one layout (default auto)")
     parser.add_argument("--json", default="bench.json", help="where to write the JSON; .md and .png go beside it")
     parser.add_argument("--run-dir", default=None, help="where the trainers write metrics.jsonl (default: a temp dir)")
+    parser.add_argument("recipe", nargs="?", default=None,
+                        help="optional: take the workload from a recipe (model, quantization, LoRA rank, budget, "
+                             "algorithm, batch, lengths, epochs) as train and plan do; key=value overrides apply to "
+                             "it; a flag given on the command line wins")
+    parser.set_defaults(overrides=[])
+    parser.set_defaults(flag_defaults=vars(parser.parse_args([])))  # what each flag is when not given
     return parser
+
+
+# bench flag -> how a recipe gives it
+def _bench_model(name: str) -> str:
+    """A recipe's hub id of a published shape -> the short name the bench builds with random weights."""
+    from ..models.shapes import KNOWN_SHAPES
+
+    shape = KNOWN_SHAPES.get(name)
+    return next((k for k in RANDOM_MODELS if KNOWN_SHAPES[k] is shape), name) if shape is not None else name
+
+
+FROM_RECIPE = {
+    "model": lambda c: _bench_model(c.model.name), "quantization": lambda c: c.model.quantization,
+    "algorithm": lambda c: c.ppo.algorithm, "num_generations": lambda c: c.ppo.num_generations,
+    "beta": lambda c: c.ppo.beta, "batch": lambda c: c.ppo.rollout_batch_size // c.ppo.num_generations,
+    "prompt_len": lambda c: c.data.max_prompt_length, "response_len": lambda c: c.ppo.response_length,
+    "budget": lambda c: c.memory.budget, "decode": lambda c: c.ppo.decode,
+    "logits_chunk_tokens": lambda c: c.ppo.logits_chunk_tokens, "lora_r": lambda c: c.lora.r,
+    "gradient_checkpointing": lambda c: c.memory.gradient_checkpointing, "ppo_epochs": lambda c: c.ppo.num_ppo_epochs,
+    "mini_batches": lambda c: c.ppo.num_mini_batches, "seed": lambda c: c.seed,
+}
+
+
+def apply_recipe(args: argparse.Namespace) -> None:
+    """`bench RECIPE [key=value ...]`: every flag left at its default takes the recipe's value."""
+    from ..config import load_recipe
+
+    if getattr(args, "recipe", None) is None:
+        if getattr(args, "overrides", None):
+            raise BenchArgumentError(f"bench: key=value overrides ({args.overrides[0]}) need a recipe to apply to")
+        return
+    cfg = load_recipe(args.recipe, args.overrides)
+    defaults = getattr(args, "flag_defaults", {})
+    for flag, read in FROM_RECIPE.items():
+        if getattr(args, flag) == defaults.get(flag):
+            setattr(args, flag, read(cfg))
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
@@ -88,10 +130,13 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.num_generations = 4 if critic_free else 1
     if args.ppo_epochs is None:
         args.ppo_epochs = 1 if critic_free else 4
+    if critic_free and args.layouts == getattr(args, "flag_defaults", {}).get("layouts"):
+        args.layouts = "ours"  # the four-model layouts are PPO's; name trl-grpo to compare with TRL
 
 
 def check_sizes(args: argparse.Namespace) -> None:
     """A one-line BenchArgumentError when the workload's sizes, micro-batches or layouts cannot make a step."""
+    apply_recipe(args)
     resolve_defaults(args)
     parse_micro_batch(args.micro_batch)
     if args.num_generations < 1 or args.ppo_epochs < 1:
