@@ -78,6 +78,7 @@ def changed(before: dict, module) -> set:
 # ================================================================================================ the CLI and JSON
 def test_flags_have_the_issue_defaults():
     args = bench.add_arguments(argparse.ArgumentParser()).parse_args([])
+    bench.args.resolve_defaults(args)
     assert (args.batch, args.prompt_len, args.response_len, args.quantization, args.layouts) == (
         32, 256, 256, "4bit", "ours,four-model")
     assert bench.parse_micro_batch("generate=8, score=4,train=2") == {"generate": 8, "score": 4, "train": 2}

@@ -35,7 +35,7 @@ import importlib
 from .args import LAYOUTS, add_arguments, parse_layouts, parse_micro_batch
 
 # imported on first use: the CLI reads the bench's flags (args.py) without importing torch for `--help`
-_LAZY = {"main": "main", "run": "main", "run_bench": "main", "LAYOUT_KEYS": "measure"}
+_LAZY = {"main": "command", "run": "command", "run_bench": "command", "LAYOUT_KEYS": "measure"}
 
 
 def __getattr__(name: str):

@@ -50,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--budget", default="24GiB",
                         help="memory budget shared by every layout, e.g. 24GiB; on CUDA enforced with "
                              "set_per_process_memory_fraction; 'auto' = free memory (default 24GiB)")
-    parser.add_argument("--layouts", default="ours,four-model",
-                        help=f"comma-separated, run in this order: {', '.join(LAYOUTS)} (default ours,four-model)")
+    parser.add_argument("--layouts", default=None,
+                        help=f"comma-separated, run in this order: {', '.join(LAYOUTS)} (default ours,four-model for "
+                             "ppo, ours for the critic-free algorithms)")
     parser.add_argument("--micro-batch", default="",
                         help="skip the planner for these phases in every layout, e.g. generate=16,score=8,train=4")
     parser.add_argument("--decode", default="generate", choices=("generate", "static", "static-compiled"),
@@ -130,8 +131,8 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.num_generations = 4 if critic_free else 1
     if args.ppo_epochs is None:
         args.ppo_epochs = 1 if critic_free else 4
-    if critic_free and args.layouts == getattr(args, "flag_defaults", {}).get("layouts"):
-        args.layouts = "ours"  # the four-model layouts are PPO's; name trl-grpo to compare with TRL
+    if args.layouts is None:  # the four-model layouts are PPO's; name trl-grpo to compare with TRL
+        args.layouts = "ours" if critic_free else "ours,four-model"
 
 
 def check_sizes(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""`python -m lowrank_rlhf.bench.child ARGS.json`: one layout of a bench run in a process of its own (main.py's
+"""`python -m lowrank_rlhf.bench.child ARGS.json`: one layout of a bench run in a process of its own (command.py's
 --isolate), so the peak RSS it reports is that layout's alone. ARGS.json holds the parent's flags with --layouts set
 to the one layout and --json to where this process writes its report."""
 
@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from .main import run_bench
+from .command import run_bench
 
 
 def main(path: str) -> int:
