@@ -216,3 +216,31 @@ def test_every_bundled_question_maps_back_to_its_template():
     assert all(template_of(r["gold_sql"]) is not None for r in rows["text2sql_prompts"] + rows["text2sql_heldout"])
     assert template_of("SELECT COUNT(*) FROM events;") is None
     assert template_of(TEMPLATES[3].sql.format(u=7) + " LIMIT 1") is None
+
+
+def test_partial_credit_tells_a_near_miss_from_a_far_one():
+    from lowrank_rlhf.rewards import sql_columns, sql_row_count, sql_tables
+
+    gold = "SELECT DISTINCT user_id FROM events WHERE rpc_method = 'Search';"
+    answers = [
+        gold,                                                          # right
+        "SELECT DISTINCT user_id FROM events;",                        # right table and width, too many rows
+        "SELECT user_id, rpc_method FROM events WHERE rpc_method = 'Search';",  # a column too many
+        "SELECT COUNT(*) FROM events WHERE rpc_method = 'Search';",   # one row of one column
+        "SELECT DISTINCT user_id FROM evnts;",                         # does not run
+        "Count the users.",                                            # no SQL
+    ]
+
+    def terms(fn):
+        return fn([""] * len(answers), answers, gold_sql=[gold] * len(answers), db_id=["events"] * len(answers))
+
+    columns, rows, tables = terms(sql_columns), terms(sql_row_count), terms(sql_tables)
+    execution = terms(sql_execution)
+    assert execution == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert columns == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    assert rows[0] == 1.0 and 0 < rows[1] < 1 and rows[4] == rows[5] == 0.0
+    assert tables == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    near, far = (columns[1] + rows[1] + tables[1]), (columns[4] + rows[4] + tables[4])
+    assert near > far  # signal where the 0/1 match gives none
+    with pytest.raises(RewardFunctionError, match="sql_row_count needs columns gold_sql and db_id"):
+        sql_row_count(["q"], ["SELECT 1"])

@@ -6,7 +6,8 @@ A reward function follows TRL's convention:
 
 `kwargs` carries the prompt dataset's other columns for the batch (e.g. `label`, one value per completion). A
 function that does not take **kwargs gets only the columns it names as parameters. Built in (recipes name them as
-`lowrank_rlhf.rewards:NAME`): exact_yes_no, brevity, clickbait_accuracy, sql_execution, sql_runs.
+`lowrank_rlhf.rewards:NAME`): exact_yes_no, brevity, clickbait_accuracy, sql_execution, sql_runs, and the
+partial-credit terms sql_columns, sql_row_count, sql_tables.
 
     errors.py    RewardFunctionError, the one-line error
     loading.py   specs -> functions (with a time limit), calling them with checks, the weighted sum
@@ -27,10 +28,10 @@ from .loading import (
                       load_reward_functions,
 )
 from .scorer import Scorer, short_name
-from .sql import sql_execution, sql_runs
+from .sql import sql_columns, sql_execution, sql_row_count, sql_runs, sql_tables
 
 __all__ = [
     "SPEC_FORM", "RewardFunctionError", "Scorer", "bounded", "brevity", "call_reward_function", "clickbait_accuracy",
     "combine_scores", "exact_yes_no", "load_reward_function", "load_reward_functions", "short_name",
-    "sql_execution", "sql_runs",
+    "sql_columns", "sql_execution", "sql_row_count", "sql_runs", "sql_tables",
 ]

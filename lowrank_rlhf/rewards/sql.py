@@ -226,3 +226,65 @@ def sql_runs(prompts: Sequence[str], completions: Sequence[Any], gold_sql: Seque
     n = len(completions)
     dbs = _columns("sql_runs", db_id, n)
     return [float(_score(c, "SELECT 1", d)[0]) for c, d in zip(completions, dbs)]
+
+
+# ---------------------------------------------------------------------------------------------- partial credit
+# Where a 0/1 execution match gives no signal (no sample of a question is right), these terms tell a nearer miss
+# from a farther one. Each is a reward function of its own, so each is reported on its own in the RL metrics
+# (rewards.functions with rewards.function_weights sums them); sql_execution stays the held-out metric.
+_TABLE = re.compile(r"\b(?:FROM|JOIN)\s+([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
+
+
+def _tables(sql: str) -> set[str]:
+    return {name.lower() for name in _TABLE.findall(sql)}
+
+
+def _result(completion: Any, gold_sql: str, db_id: str) -> tuple[list[tuple] | None, list[tuple] | None]:
+    """(the completion's rows or None when it does not run, the gold rows or None when the gold fails)."""
+    try:
+        rows = execute_sql(extract_sql(completion), str(db_id))
+    except Exception:  # SQLRejected, and anything extraction raises on odd input
+        rows = None
+    try:
+        gold = _gold(str(gold_sql), str(db_id))[0]
+    except SQLRejected:
+        gold = None
+    return rows, gold
+
+
+def _partial(name: str, term, completions, gold_sql, db_id) -> list[float]:
+    n = len(completions)
+    gold, dbs = _columns(name, gold_sql, n), _columns(name, db_id, n)
+    scores = []
+    for completion, g, d in zip(completions, gold, dbs):
+        rows, expected = _result(completion, g, d)
+        scores.append(0.0 if rows is None or expected is None else float(term(rows, expected, completion, g)))
+    return scores
+
+
+def sql_columns(prompts: Sequence[str], completions: Sequence[Any], gold_sql: Sequence[str] | None = None,
+                db_id: Sequence[str] | None = None, **kwargs: Any) -> list[float]:
+    """1.0 when the completion's query runs and returns as many columns as the gold query, else 0.0."""
+    def term(rows, gold, completion, gold_sql):
+        width = {len(r) for r in rows} or {None}
+        return width == ({len(r) for r in gold} or {None}) if rows or gold else True
+    return _partial("sql_columns", term, completions, gold_sql, db_id)
+
+
+def sql_row_count(prompts: Sequence[str], completions: Sequence[Any], gold_sql: Sequence[str] | None = None,
+                  db_id: Sequence[str] | None = None, **kwargs: Any) -> list[float]:
+    """How near the number of rows is to the gold's: (smaller + 1) / (larger + 1); 1.0 when equal, 0.0 when the
+    query does not run."""
+    def term(rows, gold, completion, gold_sql):
+        small, large = sorted((len(rows), len(gold)))
+        return (small + 1) / (large + 1)
+    return _partial("sql_row_count", term, completions, gold_sql, db_id)
+
+
+def sql_tables(prompts: Sequence[str], completions: Sequence[Any], gold_sql: Sequence[str] | None = None,
+               db_id: Sequence[str] | None = None, **kwargs: Any) -> list[float]:
+    """Jaccard overlap of the tables the query reads (FROM/JOIN) with the gold query's, when the query runs."""
+    def term(rows, gold, completion, gold_sql):
+        mine, theirs = _tables(extract_sql(completion)), _tables(gold_sql)
+        return len(mine & theirs) / len(mine | theirs) if mine | theirs else 1.0
+    return _partial("sql_tables", term, completions, gold_sql, db_id)
