@@ -24,10 +24,9 @@ from .. import data
 from ..config import ConfigError, RecipeConfig, load_recipe
 from ..models.loading import load_base
 from ..models.roles import BASE, REFERENCE, RoleModel
-from ..models.runner import MicroBatchRunner
 from ..pipeline import run_stages, stages_for
 from ..recipes import recipe_path
-from ..rl.rollout import sample_rollout, stop_token_ids
+from ..rl.rollout import decode_responses, greedy_rollout
 from .evaluation import TASKS
 
 log = logging.getLogger(__name__)
@@ -80,15 +79,12 @@ def evaluate(model: RoleModel, role: str, prompts: list[list[int]], texts: list[
     """Greedy answers under `role` (the rollout's own path: same stop tokens, none of the model's generation
     settings), their learned reward, and the independent checks (format, accuracy)."""
     tok = model.tokenizer
-    stops = stop_token_ids(tok, model.causal_lm.generation_config, ["eos"])
-    rollout = sample_rollout(model, prompts, torch.arange(len(prompts)), None, MicroBatchRunner("generate", 16),
-                             max_new_tokens, 1.0, stops, role=role)
+    rollout = greedy_rollout(model, role, prompts, max_new_tokens)
     reward = None
     if "reward" in model.roles:
         ids = rollout.ending_with(tok.eos_token_id)  # as the reward model was trained (Rollout.ending_with)
         reward = model.rewards(ids, rollout.attention_mask, micro_batch=16).mean().item()
-    kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
-    answers = tok.batch_decode(kept, skip_special_tokens=True)
+    answers = decode_responses(tok, rollout)
     normalized = [data.normalize_answer(a) for a in answers]
     exact = [a in ("yes", "no") for a in normalized]
     correct = [a == label for a, label in zip(normalized, labels)]

@@ -138,14 +138,20 @@ def sample_rollout(model: RoleModel, prompts: list[list[int]], index: torch.Tens
 
 
 @torch.no_grad()
+def greedy_rollout(model: RoleModel, role: str, prompts: list[list[int]], max_new_tokens: int,
+                   micro_batch: int = 16) -> Rollout:
+    """Greedy responses of `role` to tokenized prompts, stopping at eos: the one greedy path of `eval`, `generate`,
+    `serve` checks and the quickstart's report (the rollout code, so the answers are what RL samples at T -> 0)."""
+    stops = stop_token_ids(model.tokenizer, model.causal_lm.generation_config, ["eos"])
+    return sample_rollout(model, prompts, torch.arange(len(prompts)), None, MicroBatchRunner("generate", micro_batch),
+                          max_new_tokens, 1.0, stops, role=role)
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    kept = rollout.responses * rollout.response_mask + tokenizer.pad_token_id * (1 - rollout.response_mask)
+    return tokenizer.batch_decode(kept, skip_special_tokens=True)
+
+
 def greedy_answers(model: RoleModel, role: str, prompts: list[list[int]], max_new_tokens: int,
                    micro_batch: int = 16) -> list[str]:
-    """Greedy answers of `role` to tokenized prompts, stopping at eos: the one greedy path of `eval`, `generate` and
-    the quickstart's report (the rollout code, so the answers are what RL would sample at temperature 0)."""
-    tok = model.tokenizer
-    stops = stop_token_ids(tok, model.causal_lm.generation_config, ["eos"])
-    runner = MicroBatchRunner("generate", micro_batch)
-    rollout = sample_rollout(model, prompts, torch.arange(len(prompts)), None, runner,
-                             max_new_tokens, 1.0, stops, role=role)
-    kept = rollout.responses * rollout.response_mask + tok.pad_token_id * (1 - rollout.response_mask)
-    return tok.batch_decode(kept, skip_special_tokens=True)
+    return decode_responses(model.tokenizer, greedy_rollout(model, role, prompts, max_new_tokens, micro_batch))
