@@ -17,6 +17,7 @@ from lowrank_rlhf.cli import build_parser, main
 from lowrank_rlhf.commands.inference import load_run
 from lowrank_rlhf.config import ModelConfig
 from lowrank_rlhf.models.loading import load_base
+from lowrank_rlhf.run.checkpoint import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny-cpu.yaml")
@@ -79,6 +80,7 @@ def run_with_a_strong_policy(tiny_run, tmp_path):
     g = torch.Generator().manual_seed(0)
     save_file({k: torch.randn(v.shape, generator=g) * 0.2 if "lora_B" in k else v
                for k, v in load_file(str(weights)).items()}, str(weights))
+    write_manifest(run / "policy")  # a deliberate edit: sealed again, else every loader refuses it as damaged
     return run
 
 

@@ -9,6 +9,7 @@ from lowrank_rlhf.commands.evaluation import MARKER, resolve_task
 from lowrank_rlhf.config import ConfigError, load_recipe
 from lowrank_rlhf.pipeline import run_stages
 from lowrank_rlhf.recipes import recipe_path
+from lowrank_rlhf.run.checkpoint import write_manifest
 
 
 def test_task_resolution():
@@ -81,6 +82,7 @@ def test_eval_adds_the_best_policy_and_says_when_it_was_chosen_on_the_same_promp
     generator = torch.Generator().manual_seed(0)
     save_file({k: v + torch.randn(v.shape, generator=generator) for k, v in load_file(str(weights)).items()},
               str(weights))
+    write_manifest(weights.parent)  # a deliberate edit, sealed again (loaders refuse an adapter its manifest denies)
     (run / "best" / "best.json").write_text('{"step": 3, "metric": "eval/sql_execution", "value": 0.5}')
     twin = tmp_path / "twin"  # the same run with the best adapter as its final policy
     shutil.copytree(run, twin)
