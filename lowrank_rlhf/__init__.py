@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,11 @@ class _NoHubKernelNotice(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelNotice())
+# transformers 5 renamed gradient checkpointing to activation checkpointing; our code uses the new names, but PEFT
+# 0.21 (PeftModel.__init__) and TRL 1.16 still call the old ones, and every run printed their FutureWarnings, which
+# no user can act on. Only these messages are silenced.
+for _old in ("is_gradient_checkpointing", "gradient_checkpointing_disable", "gradient_checkpointing_enable"):
+    warnings.filterwarnings("ignore", message=f"`{_old}` is deprecated", category=FutureWarning)
 
 
 # public name -> the module that defines it
