@@ -63,18 +63,20 @@ def server(served_run):
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
-    while True:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        try:
-            if httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, "the server did not come up in 180 s"
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(30)
+    try:  # the server never outlives the tests, also when it fails to come up
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the server did not come up in 180 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @pytest.fixture
