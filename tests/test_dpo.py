@@ -157,9 +157,9 @@ def test_stage_choices_overwrite_and_missing_sft(dpo_run, tmp_path, capsys):
     cfg, run, _ = dpo_run
     stage = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
                  if a.dest == "stage")
-    assert set(stage.choices) == {"sft", "reward", "ppo", "dpo", "all"}
-    with pytest.raises(ConfigError, match="allowed values: sft, reward, ppo, dpo, all"):
-        stages_for(cfg, "rl")
+    assert set(stage.choices) == {"sft", "reward", "rl", "ppo", "dpo", "all"}  # rl: online RL; ppo its old name
+    with pytest.raises(ConfigError, match="allowed values: sft, reward, ppo, dpo, rl, all"):
+        stages_for(cfg, "grpo")
     # a second DPO run refuses to replace the policy, PPO too (they write the same RUN/policy); the eval report
     # written above (test_generate_and_eval_read_the_dpo_policy) is ours and no obstacle
     assert list(run.glob("eval-*.json"))
