@@ -685,8 +685,16 @@ connections.clear()
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
-def where(path):
-    return os.path.abspath(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else None
+def where(path, dir_fd=None):
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return None
+    path = os.fsdecode(path)
+    if dir_fd is not None and not os.path.isabs(path):  # shutil.rmtree removes names relative to a directory fd
+        try:
+            return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        except OSError:
+            pass
+    return os.path.abspath(path)
 
 
 def audit(event, args):
@@ -696,7 +704,11 @@ def audit(event, args):
         if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
                 isinstance(flags, int) and flags & WRITE_FLAGS):
             writes.add(where(path))
-    elif event in ("os.mkdir", "os.remove", "os.rmdir", "os.truncate", "shutil.rmtree", "os.symlink", "os.link"):
+    elif event in ("os.remove", "os.rmdir"):
+        writes.add(where(args[0], args[1]))
+    elif event == "os.mkdir":
+        writes.add(where(args[0], args[2]))
+    elif event in ("os.truncate", "shutil.rmtree", "os.symlink", "os.link"):
         writes.add(where(args[0]))
     elif event in ("os.rename", "shutil.copyfile", "shutil.move"):
         writes.update((where(args[0]), where(args[1])))
