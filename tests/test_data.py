@@ -108,6 +108,45 @@ def test_hub_id_goes_to_load_dataset(monkeypatch):
     assert text.startswith("data.prompts: could not load 'owner/missing'") and "doesn't exist on the Hub" in text
 
 
+# ------------------------------------------------------------------------------------------ mixing preference sources
+def human_judgement(question: str, better: str, worse: str) -> dict:
+    """A line as the feedback page writes it: TRL's conversational pair plus the record of who wrote what."""
+    return {"prompt": [{"role": "user", "content": question}], "chosen": [{"role": "assistant", "content": better}],
+            "rejected": [{"role": "assistant", "content": worse}], "kind": "human", "chosen_model": "policy",
+            "rejected_model": "sft", "temperature": 0.7, "time": "2026-12-05T15:00:00Z"}
+
+
+def test_human_judgements_mix_with_the_bundled_pairs_in_the_order_given(tmp_path):
+    feedback = tmp_path / "preferences.jsonl"
+    feedback.write_text("".join(json.dumps(human_judgement(f"Question {i}?", "yes", "no")) + "\n" for i in range(3)))
+    bundled = load_preferences("bundled:clickbait_preferences")
+    mixed = load_preferences(f"{feedback}, bundled:clickbait_preferences")
+    assert len(mixed) == 3 + len(bundled)
+    assert mixed.column_names == ["prompt", "chosen", "rejected", "kind"]  # the record columns are not training data
+    assert [p[0]["content"] for p in mixed["prompt"][:3]] == [f"Question {i}?" for i in range(3)]
+    assert mixed["kind"][:4] == ["human", "human", "human", bundled["kind"][0]]
+    assert mixed[3] == bundled[0]
+    assert len(load_preferences(f"{feedback},bundled:clickbait_preferences", max_samples=5)) == 5
+
+
+@pytest.mark.parametrize("second, problem", [
+    ([{"chosen": "yes", "rejected": "no", "prompt": "Is it?"}], "do not share one layout"),
+    ([{"chosen": [{"role": "assistant", "content": "yes"}], "rejected": [{"role": "assistant", "content": "no"}]}],
+     "has no prompt column"),
+])
+def test_mixed_sources_that_disagree_are_refused_with_the_source_named(tmp_path, second, problem):
+    first = tmp_path / "human.jsonl"
+    first.write_text(json.dumps(human_judgement("Question?", "yes", "no")) + "\n")
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(row) + "\n" for row in second))
+    with pytest.raises(DataError) as err:
+        load_preferences(f"{first},{other}")
+    assert one_line(err).startswith("data.preferences: ") and problem in one_line(err)
+    assert str(other) in one_line(err) or "plain text" in one_line(err)
+    with pytest.raises(DataError, match="an empty source"):
+        load_preferences(f"{first},,{other}")
+
+
 # ------------------------------------------------------------------------------------------------------------ errors
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.jsonl"

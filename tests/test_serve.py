@@ -257,7 +257,8 @@ def test_the_feedback_file_trains_a_reward_model(served_run, tmp_path):
     feedback = run / "feedback" / "preferences.jsonl"
     if len(preference_lines(run)) < 4:
         pytest.skip("needs the judgements of the tests above")
-    run_stages(load_recipe(TINY, [f"data.preferences={feedback}", "data.eval_fraction=0",
+    # mixed with the bundled pairs, as a person who has judged a few answers would train
+    run_stages(load_recipe(TINY, [f"data.preferences={feedback},bundled:clickbait_preferences", "data.eval_fraction=0",
                                   "reward_model.max_steps=2"]), ["reward"], run, overwrite=True)
     assert (run / "reward" / "adapter_model.safetensors").is_file()
 

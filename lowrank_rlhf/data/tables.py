@@ -232,9 +232,46 @@ def load_sft(source: str, max_samples: int = 0, name: str = "data.sft") -> datas
     return ds
 
 
+SOURCE_SEPARATOR = ","
+
+
 def load_preferences(source: str, max_samples: int = 0, name: str = "data.preferences") -> datasets.Dataset:
-    """Preference pairs: chosen + rejected (prompt optional, as in TRL's RewardTrainer)."""
-    return load_table(source, ["chosen", "rejected"], name, max_samples)
+    """Preference pairs: chosen + rejected (prompt optional, as in TRL's RewardTrainer).
+
+    Several sources separated by commas are mixed, e.g. the pairs people judged on the feedback page with the
+    bundled ones: `RUN/feedback/preferences.jsonl,bundled:clickbait_preferences`. They keep the columns all of them
+    share (a human judgement's extra record columns, such as which adapter wrote each answer, are left out) and must
+    agree on the layout: all conversational or all plain text, all with a prompt or none. max_samples applies to
+    the mixture, taken in the order given.
+    """
+    sources = [part.strip() for part in str(source).split(SOURCE_SEPARATOR)]
+    if len(sources) == 1:
+        return load_table(source, ["chosen", "rejected"], name, max_samples)
+    if not all(sources):
+        raise DataError(f"{name}: an empty source in {source!r}; separate sources with one comma each")
+    tables = [load_table(part, ["chosen", "rejected"], name) for part in sources]
+    with_prompt = ["prompt" in table.column_names for table in tables]
+    if any(with_prompt) and not all(with_prompt):
+        raise DataError(f"{name}: {sources[with_prompt.index(False)]} has no prompt column but "
+                        f"{sources[with_prompt.index(True)]} has one; give every mixed source a prompt or none")
+    shared = [col for col in tables[0].column_names if all(col in table.column_names for table in tables)]
+    layouts = {_pair_layout(table) for table in tables}
+    if len(layouts) > 1:
+        kinds = ", ".join(f"{part}: {_pair_layout(table)}" for part, table in zip(sources, tables))
+        raise DataError(f"{name}: the mixed sources do not share one layout ({kinds}); make them all "
+                        f"conversational or all plain text")
+    try:  # datasets' own concatenation: it checks that the shared columns have one type
+        mixed = datasets.concatenate_datasets([table.select_columns(shared) for table in tables])
+    except ValueError as err:
+        raise DataError(f"{name}: the mixed sources disagree on column types ({_first_line(err)})") from err
+    if max_samples and max_samples > 0 and len(mixed) > max_samples:
+        mixed = mixed.select(range(max_samples))
+    return mixed
+
+
+def _pair_layout(table: datasets.Dataset) -> str:
+    """"conversational" when a chosen answer is a list of messages, else "plain text"."""
+    return "conversational" if isinstance(table[0]["chosen"], list) else "plain text"
 
 
 def load_prompts(source: str, max_samples: int = 0, name: str = "data.prompts") -> datasets.Dataset:
