@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.utils import logging as hf_logging
 
 from ..config import ConfigError, ModelConfig
-from .builtin import BUILTIN_MODELS, builtin_model_path
+from ..run.checkpoint import write_atomically
+from .builtin import BUILTIN_MODELS, builtin_model_path, prequantized_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,18 @@ def load_base(cfg: ModelConfig):
     check_llama_family(path, cfg.trust_remote_code)
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg.dtype, device)
+    prequantized = prequantized_dir(cfg.name, cfg.quantization, dtype, device)
     with quiet_weight_loading():
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, quantization_config=quantization_config(cfg.quantization, dtype),
-            device_map={"": device}, trust_remote_code=cfg.trust_remote_code)
+        if prequantized is not None and (prequantized / "config.json").is_file():
+            # its config.json carries the quantization config it was saved with
+            model = AutoModelForCausalLM.from_pretrained(prequantized, dtype=dtype, device_map={"": device})
+            model.config.name_or_path = path  # what adapters record as their base: the model, not this copy of it
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, quantization_config=quantization_config(cfg.quantization, dtype),
+                device_map={"": device}, trust_remote_code=cfg.trust_remote_code)
+            if prequantized is not None:  # before any forward: nothing has touched the packed weights yet
+                write_atomically(prequantized, model.save_pretrained, manifest=False, replace_existing=False)
     model.requires_grad_(False)
     if device.type == "cpu":
         keep_one_cpu_4bit_path(model)
