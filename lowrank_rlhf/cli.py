@@ -16,6 +16,9 @@ from pathlib import Path
 
 from .run.signals import Interrupted, raise_interrupted
 
+# commands/evaluation.py TASKS' names, spelled here so that --help imports no torch (tests/test_cli.py holds them equal)
+TASK_NAMES = ("clickbait", "text2sql", "text2sql_shapes")
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that a user's input causes and one line explains; anything else is a bug and keeps its traceback."""
@@ -108,9 +111,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .commands.evaluation import evaluate_run
+    from .commands.evaluation import evaluate_task
 
-    evaluate_run(Path(args.run), args.task, args.held_out, args.reward, args.max_samples, args.max_new_tokens)
+    evaluate_task(Path(args.run), args.task, args.held_out, args.reward, args.max_samples, args.max_new_tokens)
     return 0
 
 
@@ -226,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="greedy held-out scores of the base, RUN/sft and RUN/policy (table + JSON)")
     p.add_argument("run", help="run directory")
-    p.add_argument("--task", choices=("clickbait", "text2sql"), help="a built-in task's held-out set and scores")
+    p.add_argument("--task", choices=TASK_NAMES, help="a built-in task's held-out set and scores (text2sql also "
+                   "reports text2sql_shapes: questions of shapes training never had)")
     p.add_argument("--held-out", help="instead: a prompts table (file, bundled:NAME or hub id)")
     p.add_argument("--reward", action="append", help="instead: a module:function scorer (repeat for several)")
     p.add_argument("--max-samples", type=int, default=0, help="use at most this many held-out rows; 0 = all")
@@ -237,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "a 95%% interval and paired tests (JSON, markdown, plot)")
     p.add_argument("runs", nargs="*", help="run directories, one RL seed each, all from one SFT adapter")
     p.add_argument("--out", required=True, help="where compare.json, compare.md and compare.png go (and seed-N runs)")
-    p.add_argument("--task", default="clickbait", choices=("clickbait", "text2sql"), help="held-out set and metric")
+    p.add_argument("--task", default="clickbait", choices=TASK_NAMES, help="held-out set and metric")
     p.add_argument("--held-out", help="instead: a prompts table (file, bundled:NAME or hub id)")
     p.add_argument("--reward", action="append", help="with --held-out: a module:function scorer (the first is the "
                    "compared metric)")

@@ -169,6 +169,13 @@ def test_help_imports_neither_torch_nor_transformers(command):
     assert "HEAVY []" in result.stdout
 
 
+def test_the_cli_offers_every_eval_task():
+    from lowrank_rlhf.cli import TASK_NAMES
+    from lowrank_rlhf.commands.evaluation import TASKS
+
+    assert TASK_NAMES == tuple(TASKS)
+
+
 def test_the_package_still_offers_its_public_names():
     import lowrank_rlhf
 

@@ -15,7 +15,7 @@ from lowrank_rlhf.run.checkpoint import write_manifest
 def test_task_resolution():
     assert resolve_task("text2sql", None, None)[1][0] == "lowrank_rlhf.rewards:sql_execution"
     assert resolve_task(None, "x.jsonl", ["m:f"]) == ("x.jsonl", ["m:f"], 64)
-    with pytest.raises(ConfigError, match="allowed values: clickbait, text2sql"):
+    with pytest.raises(ConfigError, match="allowed values: clickbait, text2sql, text2sql_shapes"):
         resolve_task("sql", None, None)
     with pytest.raises(ConfigError, match="give --task"):
         resolve_task(None, "x.jsonl", None)
@@ -31,7 +31,13 @@ def test_eval_scores_base_and_sft_and_never_replaces_foreign_files(tmp_path, cap
     assert report["written_by"] == MARKER and report["rows"] == 3
     assert set(report["results"]) == {"base", "sft"}  # no PPO yet: no policy row
     assert set(report["results"]["sft"]["scores"]) == {"sql_execution", "sql_runs"}
-    assert "sql_execution" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sql_execution" in out
+    # text2sql also reports the questions of shapes training never had, on the same models
+    shapes = json.loads((run / "eval-text2sql_shapes.json").read_text())
+    assert shapes["held_out"] == "bundled:text2sql_shapes_heldout" and shapes["rows"] == 3
+    assert set(shapes["results"]) == {"base", "sft"} and "bundled:text2sql_shapes_heldout" in out
+    assert shapes["prompts"] != report["prompts"]
     # a second eval replaces its own file; someone else's file of that name stays
     (run / "eval-clickbait.json").write_text('{"mine": 1}')
     assert main(["eval", str(run), "--task", "clickbait", "--max-samples", "2"]) == 2

@@ -26,7 +26,13 @@ TASKS = {
                   ["lowrank_rlhf.rewards:clickbait_accuracy", "lowrank_rlhf.rewards:exact_yes_no"], 6),
     "text2sql": ("bundled:text2sql_heldout",
                  ["lowrank_rlhf.rewards:sql_execution", "lowrank_rlhf.rewards:sql_runs"], 64),
+    # questions of shapes no training question has (data/text2sql_shapes.py): what text2sql_heldout (the training
+    # templates in unseen words and values) cannot tell, whether the model writes SQL beyond memorised shapes
+    "text2sql_shapes": ("bundled:text2sql_shapes_heldout",
+                        ["lowrank_rlhf.rewards:sql_execution", "lowrank_rlhf.rewards:sql_runs"], 64),
 }
+# `eval --task T` also reports these tasks, on the same loaded models
+ALSO_REPORTED = {"text2sql": ("text2sql_shapes",)}
 MARKER = EVAL_MARKER  # in every file we write: a file without it is someone else's and is never replaced
 
 # The seed article's few-shot clickbait prompt (Enryu, "Mini-post: first look at LLaMA", 2023), its words and four
@@ -144,6 +150,22 @@ def evaluate_run(run_dir: Path, task: str | None = None, held_out: str | None = 
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"written: {out}")
     return report
+
+
+def evaluate_task(run_dir: Path, task: str | None = None, held_out: str | None = None,
+                  functions: list[str] | None = None, max_samples: int = 0, max_new_tokens: int | None = None
+                  ) -> list[dict]:
+    """`lowrank-rlhf eval`: the task's report, then those of ALSO_REPORTED[task], all on one loaded model."""
+    from .inference import run_recipe
+
+    companions = ALSO_REPORTED.get(task, ()) if not (held_out or functions) else ()
+    model = load_run_roles(Path(run_dir), run_recipe(Path(run_dir))) if companions else None
+    reports = [evaluate_run(run_dir, task, held_out, functions, max_samples, max_new_tokens, model=model)]
+    for other in companions:
+        print()
+        reports.append(evaluate_run(run_dir, other, max_samples=max_samples, max_new_tokens=max_new_tokens,
+                                    model=model))
+    return reports
 
 
 def read_best(run_dir: Path) -> dict | None:

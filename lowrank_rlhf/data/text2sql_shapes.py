@@ -1,0 +1,330 @@
+"""Text-to-SQL questions composed from parts, so the space of question shapes is large: what to compute (a count,
+a distinct count, SUM/AVG/MIN/MAX, the earliest or latest time, a list of distinct values), zero to two filters
+(equality, inequality, IN, comparisons, BETWEEN, a date window, a join to the other table) and a grouping (per
+value, per value with HAVING, the top k by ORDER BY ... LIMIT), over the tables of data/text2sql.py.
+
+A shape is everything but the values: `orders JOIN customers | AVG(orders.amount) | status = ? | per city`. Each
+shape goes to one split by a hash of its key (training, validation or held-out), so a held-out question here has a
+combination of clauses that no training question of this module has. The 16 hand-written templates of
+data/text2sql.py are training shapes by definition (`seen_skeleton` finds them): the `text2sql_shapes_*` tables never
+hold a question the templates already ask, only new shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from functools import cache
+from itertools import combinations
+from pathlib import Path
+
+from .tables import BUNDLED_DIR
+from .text2sql import (
+    CITIES,
+    COUNTRIES,
+    GENRES,
+    METHODS,
+    REFERENCE_DATE,
+    STATUSES,
+    TEMPLATES,
+    WINDOWS,
+    build_database,
+    text2sql_prompt,
+)
+
+SHAPE_FILES = {"text2sql_shapes_validation": "validation", "text2sql_shapes_heldout": "heldout"}
+SHAPE_SPLITS = (("train", 0.6), ("validation", 0.15), ("heldout", 0.25))  # shares of the shapes, by hash
+QUESTIONS_PER_SHAPE = {"train": 2, "validation": 1, "heldout": 1}  # value draws per shape (fewer where the values
+# give a trivial or tied result)
+# questions kept (a stable hash picks them): the held-out set large enough for a paired interval over seeds,
+# validation smaller (it is scored at every rl.eval_steps); training keeps all
+SPLIT_SIZES = {"validation": 120, "heldout": 240}
+
+
+@dataclass(frozen=True)
+class Col:
+    sql: str  # as it appears in the query (qualified when the source joins two tables)
+    one: str  # "rpc method"
+    many: str  # "rpc methods"
+    kind: str  # category | id | number | time | text
+    values: tuple = ()  # what equality, IN and comparisons draw from
+    eq: tuple[str, ...] = ()  # phrasings of "= {v}" after the rows' noun
+    low: str = "smallest"  # MIN's word (earliest for years and times)
+    high: str = "largest"
+    summable: bool = True  # a total of years means nothing
+
+
+@dataclass(frozen=True)
+class Source:
+    db_id: str
+    key: str
+    from_sql: str
+    rows: str  # plural noun: "requests"
+    row: str  # singular: "request"
+    columns: tuple[Col, ...]
+    joined: str = ""  # "customers.": the joined table's prefix, which a shape over this source must use
+
+
+_METHOD = Col("rpc_method", "rpc method", "rpc methods", "category", METHODS,
+              ('with method "{v}"', 'to "{v}"', 'of type "{v}"'))
+_USER = Col("user_id", "user id", "user ids", "id", tuple(range(1, 41)), ("of user {v}", "from user {v}"))
+_TIMESTAMP = Col("timestamp", "time", "times", "time", low="earliest", high="latest")
+_STATUS = Col("status", "status", "statuses", "category", STATUSES, ('with status "{v}"', 'marked "{v}"'))
+_AMOUNT = Col("amount", "amount", "amounts", "number", (50, 100, 150, 200, 250))
+_ORDER_DATE = Col("order_date", "order date", "order dates", "time", low="earliest", high="latest")
+_CITY = Col("city", "city", "cities", "category", CITIES, ("from {v}", "living in {v}"))
+_GENRE = Col("genre", "genre", "genres", "category", GENRES, ('of genre "{v}"', 'in the genre "{v}"'))
+_YEAR = Col("year", "publication year", "publication years", "number", (1970, 1990, 2000, 2010),
+            low="earliest", high="latest", summable=False)
+_COUNTRY = Col("country", "country", "countries", "category", COUNTRIES, ("from {v}", "based in {v}"))
+
+
+def _qualified(col: Col, table: str, eq: tuple[str, ...] | None = None) -> Col:
+    return dataclasses.replace(col, sql=f"{table}.{col.sql}", eq=col.eq if eq is None else eq)
+
+
+SOURCES = (
+    Source("events", "events", "events", "requests", "request", (_METHOD, _USER, _TIMESTAMP)),
+    Source("shop", "orders", "orders", "orders", "order", (_STATUS, _AMOUNT, _ORDER_DATE)),
+    Source("shop", "orders+customers",
+           "orders JOIN customers ON orders.customer_id = customers.customer_id", "orders", "order",
+           (_qualified(_STATUS, "orders"), _qualified(_AMOUNT, "orders"),
+            _qualified(_CITY, "customers", ("by customers from {v}", "placed by customers in {v}"))), "customers."),
+    Source("shop", "customers", "customers", "customers", "customer", (_CITY,)),
+    Source("library", "books", "books", "books", "book", (_GENRE, _YEAR)),
+    Source("library", "books+authors", "books JOIN authors ON books.author_id = authors.author_id", "books", "book",
+           (_qualified(_GENRE, "books"), _qualified(_YEAR, "books"),
+            _qualified(_COUNTRY, "authors", ("by authors from {v}", "written by authors from {v}"))), "authors."),
+)
+
+# what to compute: (kind, column kinds it applies to)
+MEASURES = (("count", None), ("count_distinct", ("category", "id")), ("sum", ("number",)), ("avg", ("number",)),
+            ("min", ("number", "time")), ("max", ("number", "time")), ("list", ("category", "id")))
+FILTERS = ("eq", "neq", "in", "gt", "lt", "between", "window")
+GROUPS = ("none", "per", "having", "top")
+
+
+@dataclass(frozen=True)
+class Shape:
+    source: Source
+    measure: tuple[str, Col | None]
+    filters: tuple[tuple[str, Col], ...]
+    group: tuple[str, Col | None]
+
+    @property
+    def key(self) -> str:
+        def name(col):
+            return col.sql if col else "*"
+        parts = [self.source.key, f"{self.measure[0]}({name(self.measure[1])})",
+                 "&".join(f"{kind}({col.sql})" for kind, col in self.filters) or "-",
+                 f"{self.group[0]}({name(self.group[1])})"]
+        return " | ".join(parts)
+
+
+def _filter_kinds(col: Col) -> tuple[str, ...]:
+    return {"category": ("eq", "neq", "in"), "id": ("eq",), "number": ("gt", "lt", "between"),
+            "time": ("window",)}.get(col.kind, ())
+
+
+def all_shapes() -> list[Shape]:
+    """Every composition this module can ask: filters on distinct columns, a group on a category column that no
+    equality filter fixes, HAVING and top-k only over counts of rows, a list only without a group."""
+    shapes = []
+    for source in SOURCES:
+        measures = [(m, None) for m, kinds in MEASURES if kinds is None] + [
+            (m, col) for m, kinds in MEASURES if kinds for col in source.columns
+            if col.kind in kinds and (m != "sum" or col.summable)]
+        single = [((kind, col),) for col in source.columns for kind in _filter_kinds(col)]
+        pairs = [(a, b) for (a,), (b,) in combinations(single, 2) if a[1] != b[1] and "window" != a[0] != "neq"]
+        for measure in measures:
+            for filters in [()] + single + pairs:
+                filtered = {col.sql for _, col in filters}
+                if measure[1] and measure[1].kind in ("category", "id") and measure[1].sql in filtered:
+                    continue  # "the different statuses of the orders with status paid": the filter is the answer
+                used = filtered | ({measure[1].sql} if measure[1] else set())
+                groups = [("none", None)] + [(g, col) for g in GROUPS[1:] for col in source.columns
+                                             if col.kind in ("category", "id") and col.sql not in used]
+                for group in groups:
+                    cols = [col for _, col in filters] + [measure[1], group[1]]
+                    if source.joined and not any(col and col.sql.startswith(source.joined) for col in cols):
+                        continue  # a join whose second table nothing uses only repeats the one-table shape
+                    if group[0] != "none" and measure[0] == "list":
+                        continue
+                    if group[0] in ("having", "top") and measure[0] != "count":
+                        continue
+                    shapes.append(Shape(source, measure, filters, group))
+    return shapes
+
+
+def shape_split(key: str) -> str:
+    """train | validation | heldout, by a stable hash of a shape's key."""
+    share = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    edge = 0.0
+    for split, part in SHAPE_SPLITS:
+        edge += part
+        if share < edge:
+            return split
+    return SHAPE_SPLITS[-1][0]
+
+
+# ------------------------------------------------------------------------------------------- words and SQL of a shape
+def _filter(kind: str, col: Col, rng: random.Random) -> tuple[str, str, bool]:
+    """(phrase, SQL condition, dated) for one filter with drawn values."""
+    if kind == "eq":
+        v = rng.choice(col.values)
+        return " " + rng.choice(col.eq).format(v=v), f"{col.sql} = {_literal(v)}", False
+    if kind == "neq":
+        v = rng.choice(col.values)
+        return f' with a {col.one} other than "{v}"', f"{col.sql} != {_literal(v)}", False
+    if kind == "in":  # the equality's words with two values: 'with status "paid" or "shipped"', 'from Oslo or Lisbon'
+        a, b = rng.sample(col.values, 2)
+        phrase = rng.choice(col.eq)
+        either = phrase.replace('"{v}"', f'"{a}" or "{b}"') if '"{v}"' in phrase else phrase.format(v=f"{a} or {b}")
+        return " " + either, f"{col.sql} IN ({_literal(a)}, {_literal(b)})", False
+    if kind in ("gt", "lt"):
+        v = rng.choice(col.values)
+        word = {"gt": ("above", "after"), "lt": ("below", "before")}[kind][col.one == "publication year"]
+        phrase = f" published {word} {v}" if col.one == "publication year" else f" with an amount {word} {v}"
+        return phrase, f"{col.sql} {'>' if kind == 'gt' else '<'} {v}", False
+    if kind == "between":
+        a, b = sorted(rng.sample(col.values, 2))
+        phrase = (f" published between {a} and {b}" if col.one == "publication year"
+                  else f" with an amount between {a} and {b}")
+        return phrase, f"{col.sql} BETWEEN {a} AND {b}", False
+    words, days = rng.choice(WINDOWS)
+    return f" {words}", f"{col.sql} >= date('now', '{days}')", True
+
+
+def _literal(value) -> str:
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+def _measure(kind: str, col: Col | None, rows: str, row: str, tail: str, rng: random.Random) -> tuple[str, str]:
+    """(question, SELECT expression) for what to compute over `rows` + the filters' words `tail`."""
+    if kind == "count":
+        return rng.choice((f"count the {rows}{tail}", f"get the number of {rows}{tail}")), "COUNT(*)"
+    if kind == "count_distinct":
+        return (rng.choice((f"count the distinct {col.many} among the {rows}{tail}",
+                            f"know how many different {col.many} the {rows}{tail} have")),
+                f"COUNT(DISTINCT {col.sql})")
+    if kind in ("sum", "avg"):
+        word = {"sum": "total", "avg": "average"}[kind]
+        return f"compute the {word} {col.one} of the {rows}{tail}", f"{kind.upper()}({col.sql})"
+    if kind in ("min", "max"):
+        word = col.low if kind == "min" else col.high
+        question = (f"find the time of the {word} {row}{tail}" if col.kind == "time"
+                    else f"find the {word} {col.one} of the {rows}{tail}")
+        return question, f"{kind.upper()}({col.sql})"
+    return f"list the different {col.many} of the {rows}{tail}", f"DISTINCT {col.sql}"
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    sql: str
+    dated: bool  # relative dates: the prompt states today's date
+    ranking_sql: str | None = None  # for a top k: every group with its count, most first (to refuse ties)
+    k: int = 0
+
+
+def compose(shape: Shape, rng: random.Random) -> Question:
+    """The question and its gold SQL for one draw of values."""
+    src = shape.source
+    phrases, conditions, dated = [], [], False
+    for kind, col in shape.filters:
+        phrase, condition, is_dated = _filter(kind, col, rng)
+        phrases.append(phrase)
+        conditions.append(condition)
+        dated |= is_dated
+    tail = "".join(phrases)
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    group, gcol = shape.group
+    if group == "top":
+        k = rng.choice((1, 3))
+        question = (f"find the {gcol.one} with the most {src.rows}{tail}" if k == 1
+                    else f"list the {k} {gcol.many} with the most {src.rows}{tail}")
+        grouped = f"FROM {src.from_sql}{where} GROUP BY {gcol.sql} ORDER BY COUNT(*) DESC"
+        return Question(question, f"SELECT {gcol.sql} {grouped} LIMIT {k};", dated,
+                        f"SELECT {gcol.sql}, COUNT(*) {grouped};", k)
+    question, select = _measure(shape.measure[0], shape.measure[1], src.rows, src.row, tail, rng)
+    if group == "none":
+        return Question(question, f"SELECT {select} FROM {src.from_sql}{where};", dated)
+    per = rng.choice((f" per {gcol.one}", f" for each {gcol.one}"))
+    sql = f"SELECT {gcol.sql}, {select} FROM {src.from_sql}{where} GROUP BY {gcol.sql}"
+    if group == "having":
+        n = rng.choice((2, 5, 10, 20))
+        return Question(f"{question}{per}, keeping only the {gcol.many} with more than {n} {src.rows}",
+                        f"{sql} HAVING COUNT(*) > {n};", dated)
+    return Question(question + per, sql + ";", dated)
+
+
+# ----------------------------------------------------------------------------------------------- the hand templates
+_LITERALS = re.compile(r"'[^']*'|\b\d+\b")
+
+
+def skeleton(sql: str) -> str:
+    """The SQL with every literal replaced by ?: two queries of one shape (values aside) share it."""
+    return _LITERALS.sub("?", sql)
+
+
+@cache
+def _template_skeletons() -> frozenset[str]:
+    return frozenset(skeleton(re.sub(r"\{\w+\}", "0", t.sql)) for t in TEMPLATES)
+
+
+def seen_skeleton(sql: str) -> bool:
+    """True when a hand-written template of data/text2sql.py already asks this shape."""
+    return skeleton(sql) in _template_skeletons()
+
+
+def _pinned(sql: str) -> str:
+    return sql.replace("'now'", f"'{REFERENCE_DATE}'")
+
+
+def _usable(question: Question, conn) -> bool:
+    """Not empty, not a lone 0/NULL, and for a top k no tie across the cut (the answer must be one set)."""
+    result = conn.execute(_pinned(question.sql)).fetchall()
+    if not result or result in ([(0,)], [(None,)]):
+        return False
+    if question.ranking_sql:
+        counts = [count for _, count in conn.execute(_pinned(question.ranking_sql)).fetchall()]
+        return len(counts) > question.k and counts[question.k - 1] != counts[question.k]
+    return True
+
+
+def build_shape_rows(split: str) -> list[dict]:
+    """The questions of the shapes in `split` (prompt, gold_sql, db_id, shape): QUESTIONS_PER_SHAPE draws each,
+    leaving out the templates' shapes and draws with a trivial or tied result, then SPLIT_SIZES of them. Same
+    output on every machine."""
+    dbs, rows, seen = {}, [], set()
+    for shape in all_shapes():
+        if shape_split(shape.key) != split:
+            continue
+        rng = random.Random(f"text2sql-shapes:{shape.key}")
+        conn = dbs.setdefault(shape.source.db_id, build_database(shape.source.db_id))
+        for _ in range(QUESTIONS_PER_SHAPE[split]):
+            question = compose(shape, rng)
+            if question.sql in seen or seen_skeleton(question.sql) or not _usable(question, conn):
+                continue
+            seen.add(question.sql)
+            rows.append({"prompt": text2sql_prompt(shape.source.db_id, question.text + ".", question.dated),
+                         "gold_sql": question.sql, "db_id": shape.source.db_id, "shape": shape.key})
+    rows.sort(key=lambda r: hashlib.sha1(r["gold_sql"].encode()).hexdigest())
+    return rows[:SPLIT_SIZES[split]] if split in SPLIT_SIZES else rows
+
+
+def write_shape_files(out_dir: str | Path = BUNDLED_DIR) -> dict[str, int]:
+    """(Re)generate the text2sql_shapes_*.jsonl files; returns rows per file. Committed; a test checks they match."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for stem, split in SHAPE_FILES.items():
+        table = build_shape_rows(split)
+        (out_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table),
+                                               encoding="utf-8")
+        counts[stem] = len(table)
+    return counts

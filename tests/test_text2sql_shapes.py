@@ -1,0 +1,94 @@
+"""Composed text-to-SQL questions (data/text2sql_shapes.py): shapes split by hash, the held-out shapes never
+trained on nor asked by the hand templates, every gold query runs with a non-trivial, untied answer."""
+
+import random
+import re
+from collections import Counter
+
+from lowrank_rlhf.data import load_prompts
+from lowrank_rlhf.data.tables import BUNDLED_DIR
+from lowrank_rlhf.data.text2sql import TEMPLATES, build_text2sql_rows
+from lowrank_rlhf.data.text2sql_shapes import (
+    SHAPE_FILES,
+    all_shapes,
+    build_shape_rows,
+    compose,
+    seen_skeleton,
+    shape_split,
+    skeleton,
+    write_shape_files,
+)
+from lowrank_rlhf.rewards import sql_execution
+
+
+def test_bundled_shape_files_match_the_generator(tmp_path):
+    counts = write_shape_files(tmp_path)
+    for stem in SHAPE_FILES:
+        assert (tmp_path / f"{stem}.jsonl").read_text() == (BUNDLED_DIR / f"{stem}.jsonl").read_text(), \
+            f"{stem}.jsonl is stale: run python -c 'from lowrank_rlhf.data.text2sql_shapes import " \
+            f"write_shape_files; write_shape_files()'"
+    assert counts == {"text2sql_shapes_validation": 120, "text2sql_shapes_heldout": 240}
+
+
+def test_held_out_shapes_are_in_no_other_split_and_no_template_asks_them():
+    held = load_prompts("bundled:text2sql_shapes_heldout", name="data.eval_prompts")
+    validation = load_prompts("bundled:text2sql_shapes_validation", name="data.eval_prompts")
+    train = build_shape_rows("train")
+    held_shapes = set(held["shape"])
+    assert len(held_shapes) == len(held)  # one question per shape: the set measures breadth
+    assert not held_shapes & set(validation["shape"]) and not held_shapes & {r["shape"] for r in train}
+    assert all(shape_split(s) == "train" for s in {r["shape"] for r in train})
+    template_rows = [r for rows in build_text2sql_rows().values() for r in rows if "gold_sql" in r]
+    templates = {skeleton(r["gold_sql"]) for r in template_rows}
+    assert templates and not templates & {skeleton(sql) for sql in held["gold_sql"]}
+    assert not templates & {skeleton(sql) for sql in validation["gold_sql"]}
+
+
+def test_the_templates_own_shapes_are_recognised_as_seen():
+    for template in TEMPLATES:
+        values = template.values[0]
+        assert seen_skeleton(template.sql.format(**values)), template.sql
+    assert not seen_skeleton("SELECT AVG(amount) FROM orders WHERE status = 'paid';")
+
+
+def test_every_held_out_gold_query_runs_and_scores_itself_one():
+    held = load_prompts("bundled:text2sql_shapes_heldout", name="data.eval_prompts")
+    golds, dbs = held["gold_sql"], held["db_id"]
+    assert sql_execution([""] * len(held), golds, gold_sql=golds, db_id=dbs) == [1.0] * len(held)
+    # and a query of another shape on the same database scores 0: the answers tell shapes apart
+    shifted = golds[1:] + golds[:1]
+    wrong = sql_execution([""] * len(held), shifted, gold_sql=golds, db_id=dbs)
+    assert sum(wrong) / len(wrong) < 0.1
+
+
+def test_the_held_out_set_spans_every_kind_of_clause_and_database():
+    held = load_prompts("bundled:text2sql_shapes_heldout", name="data.eval_prompts")
+    parts = [s.split(" | ") for s in held["shape"]]
+    measures = Counter(p[1].split("(")[0] for p in parts)
+    filters = Counter(f.split("(")[0] for p in parts for f in p[2].split("&") if f != "-")
+    groups = Counter(p[3].split("(")[0] for p in parts)
+    assert set(measures) == {"count", "count_distinct", "sum", "avg", "min", "max", "list"}
+    assert set(filters) == {"eq", "neq", "in", "gt", "lt", "between", "window"}
+    assert set(groups) == {"none", "per", "having", "top"}
+    assert set(held["db_id"]) == {"events", "shop", "library"}
+    sql = " ".join(held["gold_sql"])
+    for clause in ("JOIN", "GROUP BY", "HAVING", "ORDER BY", "LIMIT", "BETWEEN", " IN (", "!=", "DISTINCT"):
+        assert clause in sql, clause
+
+
+def test_a_question_states_its_values_and_today_when_it_counts_days():
+    shapes = [s for s in all_shapes() if any(kind == "window" for kind, _ in s.filters)]
+    question = compose(shapes[0], random.Random(0))
+    assert question.dated and "date('now'" in question.sql
+    days = re.search(r"'-(\d+) days'", question.sql).group(1)
+    assert days in question.text or {"7": "week", "14": "two weeks"}.get(days, "?") in question.text
+    held = load_prompts("bundled:text2sql_shapes_heldout", name="data.eval_prompts")
+    for prompt, sql in zip(held["prompt"], held["gold_sql"]):
+        assert ("-- Today is" in prompt[0]["content"]) == ("'now'" in sql)
+        for literal in re.findall(r"'([^']*)'", sql.replace("'now'", "")):
+            if not literal.startswith("-"):
+                assert literal in prompt[0]["content"], (literal, prompt[0]["content"])
+
+
+def test_the_build_is_deterministic():
+    assert build_shape_rows("heldout") == build_shape_rows("heldout")
