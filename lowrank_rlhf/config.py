@@ -69,9 +69,8 @@ class MemoryConfig:
 @dataclass
 class DataConfig:
     sft: str = opt("", "SFT data: json/jsonl/csv/parquet file, saved dataset dir, hub id or bundled:NAME; "
-                       "prompt/completion or messages columns")
-    preferences: str = opt("", "preference pairs for the reward model: chosen/rejected columns (prompt optional); "
-                                    "several sources separated by commas are mixed")
+                       "prompt/completion or messages columns; in every data key, sources joined by commas are mixed")
+    preferences: str = opt("", "preference pairs for the reward model: chosen/rejected columns (prompt optional)")
     prompts: str = opt("", "PPO prompts: a prompt column (text or messages)")
     eval_prompts: str = opt("", "held-out prompts for before/after reports; empty = none")
     eval_fraction: float = opt(0.1, "share of the preference pairs held out to report reward accuracy",

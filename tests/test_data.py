@@ -147,6 +147,19 @@ def test_mixed_sources_that_disagree_are_refused_with_the_source_named(tmp_path,
         load_preferences(f"{first},,{other}")
 
 
+def test_sft_and_prompt_tables_mix_the_same_way(tmp_path):
+    sft = load_sft("bundled:text2sql_sft,bundled:clickbait_sft")
+    assert len(sft) == len(load_sft("bundled:text2sql_sft")) + 48 and sft.column_names == ["prompt", "completion"]
+    prompts = load_prompts("bundled:text2sql_prompts,bundled:text2sql_shapes_validation")
+    assert prompts.column_names == ["prompt", "gold_sql", "db_id"]  # "shape" is only the second's
+    assert len(prompts) == len(load_prompts("bundled:text2sql_prompts")) + 120
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"text": "a whole document"}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_sft(f"bundled:clickbait_sft,{plain}")
+    assert "has no prompt column" in one_line(err) and str(plain) in one_line(err)
+
+
 # ------------------------------------------------------------------------------------------------------------ errors
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.jsonl"

@@ -13,7 +13,7 @@ A source is a local file, a directory written by `save_to_disk`, `bundled:NAME` 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
@@ -220,69 +220,91 @@ def _local_file(source: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def load_sft(source: str, max_samples: int = 0, name: str = "data.sft") -> datasets.Dataset:
-    """SFT data in one of TRL's layouts: messages | prompt + completion | text."""
-    ds = load_table(source, [], name, max_samples)
-    layout = next((layout for layout in SFT_LAYOUTS if all(col in ds.column_names for col in layout)), None)
-    if layout is None:
-        layouts = " | ".join(" + ".join(layout) for layout in SFT_LAYOUTS)
-        raise DataError(f"{name}: missing columns in {source}; expected one of: {layouts}; columns found: "
-                        f"{', '.join(ds.column_names)}")
-    check_rows(ds, layout, name, source, _local_file(source))
-    return ds
-
-
 SOURCE_SEPARATOR = ","
 
 
-def load_preferences(source: str, max_samples: int = 0, name: str = "data.preferences") -> datasets.Dataset:
-    """Preference pairs: chosen + rejected (prompt optional, as in TRL's RewardTrainer).
+# columns that hold text or conversations: mixed sources must agree on which of the two each one is
+TEXT_COLUMNS = ("prompt", "completion", "messages", "chosen", "rejected")
 
-    Several sources separated by commas are mixed, e.g. the pairs people judged on the feedback page with the
-    bundled ones: `RUN/feedback/preferences.jsonl,bundled:clickbait_preferences`. They keep the columns all of them
-    share (a human judgement's extra record columns, such as which adapter wrote each answer, are left out) and must
-    agree on the layout: all conversational or all plain text, all with a prompt or none. max_samples applies to
-    the mixture, taken in the order given.
-    """
+
+def mix_sources(source: str, load_one: Callable[[str, int], datasets.Dataset], name: str, max_samples: int = 0
+                ) -> datasets.Dataset:
+    """One table from several sources separated by commas (e.g. the feedback page's judgements beside the bundled
+    pairs), each loaded and checked by `load_one(source, max_samples)`, concatenated in the order given;
+    max_samples applies to the mixture. They keep the columns all of them share (record columns that only one
+    source has, such as a human judgement's `chosen_model`, are left out), all have a prompt or none, and agree on
+    each text column's layout: all conversational or all plain text."""
     sources = [part.strip() for part in str(source).split(SOURCE_SEPARATOR)]
     if len(sources) == 1:
-        return load_table(source, ["chosen", "rejected"], name, max_samples)
+        return load_one(source, max_samples)
     if not all(sources):
         raise DataError(f"{name}: an empty source in {source!r}; separate sources with one comma each")
-    tables = [load_table(part, ["chosen", "rejected"], name) for part in sources]
-    with_prompt = ["prompt" in table.column_names for table in tables]
-    if any(with_prompt) and not all(with_prompt):
-        raise DataError(f"{name}: {sources[with_prompt.index(False)]} has no prompt column but "
-                        f"{sources[with_prompt.index(True)]} has one; give every mixed source a prompt or none")
+    tables = [load_one(part, 0) for part in sources]
+    has_prompt = ["prompt" in table.column_names for table in tables]
+    if any(has_prompt) and not all(has_prompt):
+        raise DataError(f"{name}: {sources[has_prompt.index(False)]} has no prompt column but "
+                        f"{sources[has_prompt.index(True)]} has one; give every mixed source a prompt or none")
     shared = [col for col in tables[0].column_names if all(col in table.column_names for table in tables)]
-    layouts = {_pair_layout(table) for table in tables}
-    if len(layouts) > 1:
-        kinds = ", ".join(f"{part}: {_pair_layout(table)}" for part, table in zip(sources, tables))
-        raise DataError(f"{name}: the mixed sources do not share one layout ({kinds}); make them all "
-                        f"conversational or all plain text")
+    for column in (col for col in TEXT_COLUMNS if col in shared):
+        layouts = [_layout(table, column) for table in tables]
+        if len(set(layouts)) > 1:
+            kinds = ", ".join(f"{part}: {layout}" for part, layout in zip(sources, layouts))
+            raise DataError(f"{name}: the mixed sources do not share one layout of {column} ({kinds}); make them "
+                            f"all conversational or all plain text")
     try:  # datasets' own concatenation: it checks that the shared columns have one type
         mixed = datasets.concatenate_datasets([table.select_columns(shared) for table in tables])
     except ValueError as err:
         raise DataError(f"{name}: the mixed sources disagree on column types ({_first_line(err)})") from err
-    if max_samples and max_samples > 0 and len(mixed) > max_samples:
-        mixed = mixed.select(range(max_samples))
+    return mixed.select(range(max_samples)) if 0 < max_samples < len(mixed) else mixed
+
+
+def _layout(table: datasets.Dataset, column: str) -> str:
+    """"conversational" when `column` holds lists of messages, else "plain text"."""
+    return "conversational" if isinstance(table[0][column], list) else "plain text"
+
+
+def load_sft(source: str, max_samples: int = 0, name: str = "data.sft") -> datasets.Dataset:
+    """SFT data in one of TRL's layouts: messages | prompt + completion | text; several sources separated by
+    commas are mixed (`mix_sources`), and must share a layout."""
+    def load_one(part: str, limit: int) -> datasets.Dataset:
+        ds = load_table(part, [], name, limit)
+        layout = next((layout for layout in SFT_LAYOUTS if all(col in ds.column_names for col in layout)), None)
+        if layout is None:
+            layouts = " | ".join(" + ".join(layout) for layout in SFT_LAYOUTS)
+            raise DataError(f"{name}: missing columns in {part}; expected one of: {layouts}; columns found: "
+                            f"{', '.join(ds.column_names)}")
+        check_rows(ds, layout, name, part, _local_file(part))
+        return ds
+
+    mixed = mix_sources(source, load_one, name, max_samples)
+    if not any(all(col in mixed.column_names for col in layout) for layout in SFT_LAYOUTS):
+        raise DataError(f"{name}: the mixed sources of {source!r} share no SFT layout; columns they share: "
+                        f"{', '.join(mixed.column_names) or 'none'}")
     return mixed
 
 
-def _pair_layout(table: datasets.Dataset) -> str:
-    """"conversational" when a chosen answer is a list of messages, else "plain text"."""
-    return "conversational" if isinstance(table[0]["chosen"], list) else "plain text"
+def load_preferences(source: str, max_samples: int = 0, name: str = "data.preferences") -> datasets.Dataset:
+    """Preference pairs: chosen + rejected (prompt optional, as in TRL's RewardTrainer); several sources
+    separated by commas are mixed (`mix_sources`), e.g. `RUN/feedback/preferences.jsonl,bundled:NAME`."""
+    def load_one(part: str, limit: int) -> datasets.Dataset:
+        return load_table(part, ["chosen", "rejected"], name, limit)
+
+    return mix_sources(source, load_one, name, max_samples)
 
 
 def load_prompts(source: str, max_samples: int = 0, name: str = "data.prompts") -> datasets.Dataset:
     """PPO prompts: a prompt column (text or messages); other columns are passed to reward functions. An empty
-    prompt is refused with its row: the policy would answer nothing in particular, and the reward would follow."""
-    ds = load_table(source, ["prompt"], name, max_samples)
-    empty = next((i for i, prompt in enumerate(ds["prompt"]) if _is_empty_prompt(prompt)), None)
-    if empty is not None:
-        raise DataError(f"{name}: {source} row {empty}{_line_of_row(_local_file(source), empty)} has an empty prompt; "
-                        f"give it text or remove the row")
-    return ds
+    prompt is refused with its row: the policy would answer nothing in particular, and the reward would follow.
+    Several sources separated by commas are mixed (`mix_sources`)."""
+    def load_one(part: str, limit: int) -> datasets.Dataset:
+        ds = load_table(part, ["prompt"], name, limit)
+        empty = next((i for i, prompt in enumerate(ds["prompt"]) if _is_empty_prompt(prompt)), None)
+        if empty is not None:
+            raise DataError(f"{name}: {part} row {empty}{_line_of_row(_local_file(part), empty)} has an empty "
+                            f"prompt; give it text or remove the row")
+        return ds
+
+    return mix_sources(source, load_one, name, max_samples)
 
 
 def holdout_split(ds: datasets.Dataset, fraction: float, seed: int = 0
