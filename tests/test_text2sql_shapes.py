@@ -5,7 +5,7 @@ import random
 import re
 from collections import Counter
 
-from lowrank_rlhf.data import load_prompts
+from lowrank_rlhf.data import load_prompts, load_sft
 from lowrank_rlhf.data.tables import BUNDLED_DIR
 from lowrank_rlhf.data.text2sql import TEMPLATES, build_text2sql_rows
 from lowrank_rlhf.data.text2sql_shapes import (
@@ -27,7 +27,9 @@ def test_bundled_shape_files_match_the_generator(tmp_path):
         assert (tmp_path / f"{stem}.jsonl").read_text() == (BUNDLED_DIR / f"{stem}.jsonl").read_text(), \
             f"{stem}.jsonl is stale: run python -c 'from lowrank_rlhf.data.text2sql_shapes import " \
             f"write_shape_files; write_shape_files()'"
-    assert counts == {"text2sql_shapes_validation": 120, "text2sql_shapes_heldout": 240}
+    assert counts["text2sql_shapes_validation"] == 120 and counts["text2sql_shapes_heldout"] == 240
+    # RL prompts for every training shape, demonstrations for about half of them
+    assert counts["text2sql_shapes_prompts"] > 1.5 * counts["text2sql_shapes_sft"] > 300
 
 
 def test_held_out_shapes_are_in_no_other_split_and_no_template_asks_them():
@@ -35,6 +37,10 @@ def test_held_out_shapes_are_in_no_other_split_and_no_template_asks_them():
     validation = load_prompts("bundled:text2sql_shapes_validation", name="data.eval_prompts")
     train = build_shape_rows("train")
     held_shapes = set(held["shape"])
+    rl = load_prompts("bundled:text2sql_shapes_prompts")
+    sft = load_sft("bundled:text2sql_shapes_sft")
+    assert set(rl["shape"]) <= {r["shape"] for r in train}
+    assert not {skeleton(row[0]["content"]) for row in sft["completion"]} & {skeleton(sql) for sql in held["gold_sql"]}
     assert len(held_shapes) == len(held)  # one question per shape: the set measures breadth
     assert not held_shapes & set(validation["shape"]) and not held_shapes & {r["shape"] for r in train}
     assert all(shape_split(s) == "train" for s in {r["shape"] for r in train})

@@ -36,10 +36,15 @@ from .text2sql import (
     text2sql_prompt,
 )
 
-SHAPE_FILES = {"text2sql_shapes_validation": "validation", "text2sql_shapes_heldout": "heldout"}
+SHAPE_FILES = ("text2sql_shapes_sft", "text2sql_shapes_prompts", "text2sql_shapes_validation",
+               "text2sql_shapes_heldout")
 SHAPE_SPLITS = (("train", 0.6), ("validation", 0.15), ("heldout", 0.25))  # shares of the shapes, by hash
 QUESTIONS_PER_SHAPE = {"train": 2, "validation": 1, "heldout": 1}  # value draws per shape (fewer where the values
 # give a trivial or tied result)
+# Training: the first draw of a shape is a demonstration (prompt + gold SQL) for SFT_SHAPE_SHARE of the training
+# shapes; the second draw of every training shape is an RL prompt (asked, never answered), so RL meets shapes SFT
+# never showed: prompts without answers are cheap, which is what RL with a verifiable reward is for.
+SFT_SHAPE_SHARE = 0.5
 # questions kept (a stable hash picks them): the held-out set large enough for a paired interval over seeds,
 # validation smaller (it is scored at every rl.eval_steps); training keeps all
 SPLIT_SIZES = {"validation": 120, "heldout": 240}
@@ -162,7 +167,7 @@ def all_shapes() -> list[Shape]:
 
 def shape_split(key: str) -> str:
     """train | validation | heldout, by a stable hash of a shape's key."""
-    share = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    share = _share(key)
     edge = 0.0
     for split, part in SHAPE_SPLITS:
         edge += part
@@ -296,25 +301,44 @@ def _usable(question: Question, conn) -> bool:
     return True
 
 
+def _share(key: str) -> float:
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def build_shape_rows(split: str) -> list[dict]:
-    """The questions of the shapes in `split` (prompt, gold_sql, db_id, shape): QUESTIONS_PER_SHAPE draws each,
-    leaving out the templates' shapes and draws with a trivial or tied result, then SPLIT_SIZES of them. Same
-    output on every machine."""
+    """The questions of the shapes in `split` (prompt, gold_sql, db_id, shape, draw): QUESTIONS_PER_SHAPE draws
+    each, leaving out the templates' shapes and draws with a trivial or tied result, then SPLIT_SIZES of them.
+    Same output on every machine."""
     dbs, rows, seen = {}, [], set()
     for shape in all_shapes():
         if shape_split(shape.key) != split:
             continue
         rng = random.Random(f"text2sql-shapes:{shape.key}")
         conn = dbs.setdefault(shape.source.db_id, build_database(shape.source.db_id))
-        for _ in range(QUESTIONS_PER_SHAPE[split]):
+        for draw in range(QUESTIONS_PER_SHAPE[split]):
             question = compose(shape, rng)
             if question.sql in seen or seen_skeleton(question.sql) or not _usable(question, conn):
                 continue
             seen.add(question.sql)
             rows.append({"prompt": text2sql_prompt(shape.source.db_id, question.text + ".", question.dated),
-                         "gold_sql": question.sql, "db_id": shape.source.db_id, "shape": shape.key})
+                         "gold_sql": question.sql, "db_id": shape.source.db_id, "shape": shape.key, "draw": draw})
     rows.sort(key=lambda r: hashlib.sha1(r["gold_sql"].encode()).hexdigest())
     return rows[:SPLIT_SIZES[split]] if split in SPLIT_SIZES else rows
+
+
+def build_shape_tables() -> dict[str, list[dict]]:
+    """The four text2sql_shapes_* tables: SFT demonstrations (prompt/completion), RL prompts, validation and
+    held-out prompts (prompt, gold_sql, db_id, shape)."""
+    def prompt_row(row: dict) -> dict:
+        return {k: row[k] for k in ("prompt", "gold_sql", "db_id", "shape")}
+
+    train = build_shape_rows("train")
+    sft = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["gold_sql"]}]}
+           for r in train if r["draw"] == 0 and _share("sft:" + r["shape"]) < SFT_SHAPE_SHARE]
+    return {"text2sql_shapes_sft": sft,
+            "text2sql_shapes_prompts": [prompt_row(r) for r in train if r["draw"] == 1],
+            "text2sql_shapes_validation": [prompt_row(r) for r in build_shape_rows("validation")],
+            "text2sql_shapes_heldout": [prompt_row(r) for r in build_shape_rows("heldout")]}
 
 
 def write_shape_files(out_dir: str | Path = BUNDLED_DIR) -> dict[str, int]:
@@ -322,8 +346,7 @@ def write_shape_files(out_dir: str | Path = BUNDLED_DIR) -> dict[str, int]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for stem, split in SHAPE_FILES.items():
-        table = build_shape_rows(split)
+    for stem, table in build_shape_tables().items():
         (out_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table),
                                                encoding="utf-8")
         counts[stem] = len(table)
