@@ -29,7 +29,7 @@ def test_bundled_shape_files_match_the_generator(tmp_path):
             f"write_shape_files; write_shape_files()'"
     assert counts["text2sql_shapes_validation"] == 120 and counts["text2sql_shapes_heldout"] == 240
     # RL prompts for every training shape, demonstrations for about half of them
-    assert counts["text2sql_shapes_prompts"] > 1.5 * counts["text2sql_shapes_sft"] > 300
+    assert counts["text2sql_shapes_prompts"] > counts["text2sql_shapes_sft"] > 200
 
 
 def test_held_out_shapes_are_in_no_other_split_and_no_template_asks_them():
@@ -39,7 +39,7 @@ def test_held_out_shapes_are_in_no_other_split_and_no_template_asks_them():
     held_shapes = set(held["shape"])
     rl = load_prompts("bundled:text2sql_shapes_prompts")
     sft = load_sft("bundled:text2sql_shapes_sft")
-    assert set(rl["shape"]) <= {r["shape"] for r in train}
+    assert set(rl["shape"]) <= {r["shape"] for r in train} and set(rl["shape"]) & {r["shape"] for r in train}
     assert not {skeleton(row[0]["content"]) for row in sft["completion"]} & {skeleton(sql) for sql in held["gold_sql"]}
     assert len(held_shapes) == len(held)  # one question per shape: the set measures breadth
     assert not held_shapes & set(validation["shape"]) and not held_shapes & {r["shape"] for r in train}
@@ -65,6 +65,50 @@ def test_every_held_out_gold_query_runs_and_scores_itself_one():
     shifted = golds[1:] + golds[:1]
     wrong = sql_execution([""] * len(held), shifted, gold_sql=golds, db_id=dbs)
     assert sum(wrong) / len(wrong) < 0.1
+
+
+def test_every_part_of_a_held_out_question_decides_its_answer():
+    """No filter or HAVING that changes nothing, no single-group "per X", no tie in or at the edge of a top k."""
+    import sqlite3
+
+    from lowrank_rlhf.data.text2sql import REFERENCE_DATE, build_database
+
+    dbs: dict[str, sqlite3.Connection] = {}
+    checked = {"conditions": 0, "having": 0, "top": 0}
+    for split in ("heldout", "validation"):
+        table = load_prompts(f"bundled:text2sql_shapes_{split}", name="data.eval_prompts")
+        for sql, db in zip(table["gold_sql"], table["db_id"]):
+            conn = dbs.setdefault(db, build_database(db))
+
+            def run(query: str, conn=conn) -> list[tuple]:
+                return conn.execute(query.replace("'now'", f"'{REFERENCE_DATE}'")).fetchall()
+
+            result = run(sql)
+            assert result and result not in ([(0,)], [(None,)]), sql
+            where = re.search(r" WHERE (.*?)(?= GROUP BY|;)", sql)
+            conditions = where.group(1).split(" AND ") if where else []
+            if any(" BETWEEN " in c for c in conditions):
+                conditions = re.split(r" AND (?!\d)", where.group(1))
+            for i in range(len(conditions)):
+                rest = conditions[:i] + conditions[i + 1:]
+                weaker = sql.replace(where.group(0), f" WHERE {' AND '.join(rest)}" if rest else "")
+                if " LIMIT " in sql:  # a top k is compared in order, as the reward does (its gold orders)
+                    assert run(weaker) != result, (sql, conditions[i])
+                else:
+                    assert sorted(map(repr, run(weaker))) != sorted(map(repr, result)), (sql, conditions[i])
+                checked["conditions"] += 1
+            if " HAVING " in sql:
+                assert sorted(map(repr, run(re.sub(r" HAVING [^;]*", "", sql)))) != sorted(map(repr, result)), sql
+                checked["having"] += 1
+            if " LIMIT " in sql:
+                k = int(sql.rsplit("LIMIT ", 1)[1].rstrip(";"))
+                ranking = run(sql.replace("SELECT ", "SELECT COUNT(*), ", 1).rsplit(" LIMIT", 1)[0])
+                counts = [row[0] for row in ranking]
+                assert len(set(counts[:k + 1])) == k + 1, (sql, counts[:k + 1])
+                checked["top"] += 1
+            elif " GROUP BY " in sql:
+                assert len(result) >= 2, sql
+    assert min(checked.values()) > 5, checked
 
 
 def test_the_held_out_set_spans_every_kind_of_clause_and_database():

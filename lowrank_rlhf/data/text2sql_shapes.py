@@ -39,8 +39,8 @@ from .text2sql import (
 SHAPE_FILES = ("text2sql_shapes_sft", "text2sql_shapes_prompts", "text2sql_shapes_validation",
                "text2sql_shapes_heldout")
 SHAPE_SPLITS = (("train", 0.6), ("validation", 0.15), ("heldout", 0.25))  # shares of the shapes, by hash
-QUESTIONS_PER_SHAPE = {"train": 2, "validation": 1, "heldout": 1}  # value draws per shape (fewer where the values
-# give a trivial or tied result)
+QUESTIONS_PER_SHAPE = {"train": 2, "validation": 1, "heldout": 1}  # questions kept per shape: the first usable
+DRAWS_PER_SHAPE = 6  # of this many draws of values (a shape whose draws are all trivial or tied has none)
 # Training: the first draw of a shape is a demonstration (prompt + gold SQL) for SFT_SHAPE_SHARE of the training
 # shapes; the second draw of every training shape is an RL prompt (asked, never answered), so RL meets shapes SFT
 # never showed: prompts without answers are cheap, which is what RL with a verifiable reward is for.
@@ -58,6 +58,7 @@ class Col:
     kind: str  # category | id | number | time | text
     values: tuple = ()  # what equality, IN and comparisons draw from
     eq: tuple[str, ...] = ()  # phrasings of "= {v}" after the rows' noun
+    neq: str = ""  # the phrasing of "!= {v}"
     low: str = "smallest"  # MIN's word (earliest for years and times)
     high: str = "largest"
     summable: bool = True  # a total of years means nothing
@@ -75,21 +76,25 @@ class Source:
 
 
 _METHOD = Col("rpc_method", "rpc method", "rpc methods", "category", METHODS,
-              ('with method "{v}"', 'to "{v}"', 'of type "{v}"'))
+              ('with method "{v}"', 'to "{v}"', 'of type "{v}"'), 'to a method other than "{v}"')
 _USER = Col("user_id", "user id", "user ids", "id", tuple(range(1, 41)), ("of user {v}", "from user {v}"))
 _TIMESTAMP = Col("timestamp", "time", "times", "time", low="earliest", high="latest")
-_STATUS = Col("status", "status", "statuses", "category", STATUSES, ('with status "{v}"', 'marked "{v}"'))
+_STATUS = Col("status", "status", "statuses", "category", STATUSES, ('with status "{v}"', 'marked "{v}"'),
+              'with a status other than "{v}"')
 _AMOUNT = Col("amount", "amount", "amounts", "number", (50, 100, 150, 200, 250))
 _ORDER_DATE = Col("order_date", "order date", "order dates", "time", low="earliest", high="latest")
-_CITY = Col("city", "city", "cities", "category", CITIES, ("from {v}", "living in {v}"))
-_GENRE = Col("genre", "genre", "genres", "category", GENRES, ('of genre "{v}"', 'in the genre "{v}"'))
+_CITY = Col("city", "city", "cities", "category", CITIES, ("from {v}", "living in {v}"), "living outside {v}")
+_GENRE = Col("genre", "genre", "genres", "category", GENRES, ('of genre "{v}"', 'in the genre "{v}"'),
+             'of a genre other than "{v}"')
 _YEAR = Col("year", "publication year", "publication years", "number", (1970, 1990, 2000, 2010),
             low="earliest", high="latest", summable=False)
-_COUNTRY = Col("country", "country", "countries", "category", COUNTRIES, ("from {v}", "based in {v}"))
+_COUNTRY = Col("country", "country", "countries", "category", COUNTRIES, ("from {v}", "based in {v}"),
+               "based outside {v}")
 
 
-def _qualified(col: Col, table: str, eq: tuple[str, ...] | None = None) -> Col:
-    return dataclasses.replace(col, sql=f"{table}.{col.sql}", eq=col.eq if eq is None else eq)
+def _qualified(col: Col, table: str, **words) -> Col:
+    """The column as one of a join's (table.column), with words that say whose it is where they must."""
+    return dataclasses.replace(col, sql=f"{table}.{col.sql}", **words)
 
 
 SOURCES = (
@@ -98,12 +103,16 @@ SOURCES = (
     Source("shop", "orders+customers",
            "orders JOIN customers ON orders.customer_id = customers.customer_id", "orders", "order",
            (_qualified(_STATUS, "orders"), _qualified(_AMOUNT, "orders"),
-            _qualified(_CITY, "customers", ("by customers from {v}", "placed by customers in {v}"))), "customers."),
+            _qualified(_CITY, "customers", one="customer city", many="customer cities",
+                       eq=("by customers from {v}", "placed by customers in {v}"),
+                       neq="placed by customers outside {v}")), "customers."),
     Source("shop", "customers", "customers", "customers", "customer", (_CITY,)),
     Source("library", "books", "books", "books", "book", (_GENRE, _YEAR)),
     Source("library", "books+authors", "books JOIN authors ON books.author_id = authors.author_id", "books", "book",
            (_qualified(_GENRE, "books"), _qualified(_YEAR, "books"),
-            _qualified(_COUNTRY, "authors", ("by authors from {v}", "written by authors from {v}"))), "authors."),
+            _qualified(_COUNTRY, "authors", one="author country", many="author countries",
+                       eq=("by authors from {v}", "written by authors from {v}"),
+                       neq="by authors from a country other than {v}")), "authors."),
 )
 
 # what to compute: (kind, column kinds it applies to)
@@ -144,7 +153,7 @@ def all_shapes() -> list[Shape]:
             (m, col) for m, kinds in MEASURES if kinds for col in source.columns
             if col.kind in kinds and (m != "sum" or col.summable)]
         single = [((kind, col),) for col in source.columns for kind in _filter_kinds(col)]
-        pairs = [(a, b) for (a,), (b,) in combinations(single, 2) if a[1] != b[1] and "window" != a[0] != "neq"]
+        pairs = [(a, b) for (a,), (b,) in combinations(single, 2) if a[1] != b[1]]  # two columns, any kinds
         for measure in measures:
             for filters in [()] + single + pairs:
                 filtered = {col.sql for _, col in filters}
@@ -184,7 +193,7 @@ def _filter(kind: str, col: Col, rng: random.Random) -> tuple[str, str, bool]:
         return " " + rng.choice(col.eq).format(v=v), f"{col.sql} = {_literal(v)}", False
     if kind == "neq":
         v = rng.choice(col.values)
-        return f' with a {col.one} other than "{v}"', f"{col.sql} != {_literal(v)}", False
+        return " " + col.neq.format(v=v), f"{col.sql} != {_literal(v)}", False
     if kind == "in":  # the equality's words with two values: 'with status "paid" or "shipped"', 'from Oslo or Lisbon'
         a, b = rng.sample(col.values, 2)
         phrase = rng.choice(col.eq)
@@ -197,8 +206,8 @@ def _filter(kind: str, col: Col, rng: random.Random) -> tuple[str, str, bool]:
         return phrase, f"{col.sql} {'>' if kind == 'gt' else '<'} {v}", False
     if kind == "between":
         a, b = sorted(rng.sample(col.values, 2))
-        phrase = (f" published between {a} and {b}" if col.one == "publication year"
-                  else f" with an amount between {a} and {b}")
+        phrase = (f" published between {a} and {b} inclusive" if col.one == "publication year"
+                  else f" with an amount between {a} and {b} inclusive")
         return phrase, f"{col.sql} BETWEEN {a} AND {b}", False
     words, days = rng.choice(WINDOWS)
     return f" {words}", f"{col.sql} >= date('now', '{days}')", True
@@ -234,6 +243,18 @@ class Question:
     dated: bool  # relative dates: the prompt states today's date
     ranking_sql: str | None = None  # for a top k: every group with its count, most first (to refuse ties)
     k: int = 0
+    weaker: tuple[str, ...] = ()  # the query without each of its conditions (and its HAVING): all must differ
+    grouped: bool = False
+
+
+def _query(select: str, from_sql: str, conditions: list[str], tail: str = "") -> str:
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    return f"SELECT {select} FROM {from_sql}{where}{tail}"
+
+
+def _without_each(select: str, from_sql: str, conditions: list[str], tail: str) -> tuple[str, ...]:
+    return tuple(_query(select, from_sql, conditions[:i] + conditions[i + 1:], tail) + ";"
+                 for i in range(len(conditions)))
 
 
 def compose(shape: Shape, rng: random.Random) -> Question:
@@ -245,26 +266,31 @@ def compose(shape: Shape, rng: random.Random) -> Question:
         phrases.append(phrase)
         conditions.append(condition)
         dated |= is_dated
-    tail = "".join(phrases)
-    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    words = "".join(phrases)
     group, gcol = shape.group
     if group == "top":
         k = rng.choice((1, 3))
-        question = (f"find the {gcol.one} with the most {src.rows}{tail}" if k == 1
-                    else f"list the {k} {gcol.many} with the most {src.rows}{tail}")
-        grouped = f"FROM {src.from_sql}{where} GROUP BY {gcol.sql} ORDER BY COUNT(*) DESC"
-        return Question(question, f"SELECT {gcol.sql} {grouped} LIMIT {k};", dated,
-                        f"SELECT {gcol.sql}, COUNT(*) {grouped};", k)
-    question, select = _measure(shape.measure[0], shape.measure[1], src.rows, src.row, tail, rng)
+        question = (f"find the {gcol.one} with the most {src.rows}{words}" if k == 1
+                    else f"list the {k} {gcol.many} with the most {src.rows}{words}")
+        tail = f" GROUP BY {gcol.sql} ORDER BY COUNT(*) DESC"
+        return Question(question, _query(gcol.sql, src.from_sql, conditions, f"{tail} LIMIT {k}") + ";", dated,
+                        _query(f"{gcol.sql}, COUNT(*)", src.from_sql, conditions, tail) + ";", k,
+                        _without_each(gcol.sql, src.from_sql, conditions, f"{tail} LIMIT {k}"), grouped=True)
+    question, select = _measure(shape.measure[0], shape.measure[1], src.rows, src.row, words, rng)
     if group == "none":
-        return Question(question, f"SELECT {select} FROM {src.from_sql}{where};", dated)
+        return Question(question, _query(select, src.from_sql, conditions) + ";", dated,
+                        weaker=_without_each(select, src.from_sql, conditions, ""))
     per = rng.choice((f" per {gcol.one}", f" for each {gcol.one}"))
-    sql = f"SELECT {gcol.sql}, {select} FROM {src.from_sql}{where} GROUP BY {gcol.sql}"
+    select, tail = f"{gcol.sql}, {select}", f" GROUP BY {gcol.sql}"
     if group == "having":
         n = rng.choice((2, 5, 10, 20))
+        having = f" HAVING COUNT(*) > {n}"
         return Question(f"{question}{per}, keeping only the {gcol.many} with more than {n} {src.rows}",
-                        f"{sql} HAVING COUNT(*) > {n};", dated)
-    return Question(question + per, sql + ";", dated)
+                        _query(select, src.from_sql, conditions, tail + having) + ";", dated,
+                        weaker=(_query(select, src.from_sql, conditions, tail) + ";",
+                                *_without_each(select, src.from_sql, conditions, tail + having)), grouped=True)
+    return Question(question + per, _query(select, src.from_sql, conditions, tail) + ";", dated,
+                    weaker=_without_each(select, src.from_sql, conditions, tail), grouped=True)
 
 
 # ----------------------------------------------------------------------------------------------- the hand templates
@@ -291,13 +317,23 @@ def _pinned(sql: str) -> str:
 
 
 def _usable(question: Question, conn) -> bool:
-    """Not empty, not a lone 0/NULL, and for a top k no tie across the cut (the answer must be one set)."""
-    result = conn.execute(_pinned(question.sql)).fetchall()
-    if not result or result in ([(0,)], [(None,)]):
+    """A result the question's every part decides: not empty, not a lone 0/NULL, two groups or more when grouped,
+    different from the query without any one of its conditions or its HAVING (else that part of the question
+    changes nothing, and a model that ignores it scores anyway), and for a top k no tie among the first k + 1
+    (the answer must be one set in one order)."""
+    def rows(sql: str) -> list[tuple]:
+        return conn.execute(_pinned(sql)).fetchall()
+
+    result = rows(question.sql)
+    if not result or result in ([(0,)], [(None,)]) or (question.grouped and len(result) < 2 and not question.k):
+        return False
+    ordered = question.k > 0
+    if any((rows(sql) == result) if ordered else (sorted(map(repr, rows(sql))) == sorted(map(repr, result)))
+           for sql in question.weaker):
         return False
     if question.ranking_sql:
-        counts = [count for _, count in conn.execute(_pinned(question.ranking_sql)).fetchall()]
-        return len(counts) > question.k and counts[question.k - 1] != counts[question.k]
+        counts = [count for _, count in rows(question.ranking_sql)]
+        return len(counts) > question.k and len(set(counts[:question.k + 1])) == question.k + 1
     return True
 
 
@@ -306,22 +342,26 @@ def _share(key: str) -> float:
 
 
 def build_shape_rows(split: str) -> list[dict]:
-    """The questions of the shapes in `split` (prompt, gold_sql, db_id, shape, draw): QUESTIONS_PER_SHAPE draws
-    each, leaving out the templates' shapes and draws with a trivial or tied result, then SPLIT_SIZES of them.
-    Same output on every machine."""
+    """The questions of the shapes in `split` (prompt, gold_sql, db_id, shape, draw): the first
+    QUESTIONS_PER_SHAPE usable draws of each (`_usable`), leaving out the templates' shapes, then SPLIT_SIZES of
+    them. Same output on every machine."""
     dbs, rows, seen = {}, [], set()
     for shape in all_shapes():
         if shape_split(shape.key) != split:
             continue
         rng = random.Random(f"text2sql-shapes:{shape.key}")
         conn = dbs.setdefault(shape.source.db_id, build_database(shape.source.db_id))
-        for draw in range(QUESTIONS_PER_SHAPE[split]):
+        kept = 0
+        for _ in range(DRAWS_PER_SHAPE):
             question = compose(shape, rng)
             if question.sql in seen or seen_skeleton(question.sql) or not _usable(question, conn):
                 continue
             seen.add(question.sql)
             rows.append({"prompt": text2sql_prompt(shape.source.db_id, question.text + ".", question.dated),
-                         "gold_sql": question.sql, "db_id": shape.source.db_id, "shape": shape.key, "draw": draw})
+                         "gold_sql": question.sql, "db_id": shape.source.db_id, "shape": shape.key, "draw": kept})
+            kept += 1
+            if kept == QUESTIONS_PER_SHAPE[split]:
+                break
     rows.sort(key=lambda r: hashlib.sha1(r["gold_sql"].encode()).hexdigest())
     return rows[:SPLIT_SIZES[split]] if split in SPLIT_SIZES else rows
 
