@@ -39,13 +39,16 @@ SMOKE = ["data.max_samples=16", "sft.max_steps=2", "reward_model.max_steps=2", "
          "reward_model.min_accuracy=null",  # two reward steps cannot reach the bar; smoke tests the path
          "dpo.max_steps=2"]
 # What each --algorithm changes in the recipe. The critic-free ones sample 4 answers per prompt (their baseline is
-# the prompt's other answers; reinforce_pp's is the batch, so 1) within the same 16 rollouts per step as PPO, and
-# weigh KL by beta = the recipe's kl_coef. dpo trains sft -> DPO on data.preferences (recipe's dpo section).
+# the prompt's other answers; reinforce_pp's is the batch, so 1) in 16 rollouts per step (4 prompts; PPO's 32 are
+# 32 prompts: with one answer per prompt and a critic learning from scratch, 16 left PPO's final policy swinging to
+# one answer in some seeds; docs/benchmarks/clickbait-sweep-validation-cpu.md), and weigh KL by beta = the recipe's
+# kl_coef. dpo trains sft -> DPO on data.preferences (recipe's dpo section).
+CRITIC_FREE = ["ppo.rollout_batch_size=16"]
 ALGORITHMS = {
     "ppo": [],
-    "grpo": ["ppo.algorithm=grpo", "ppo.num_generations=4", "ppo.beta=0.05"],
-    "rloo": ["ppo.algorithm=rloo", "ppo.num_generations=4", "ppo.beta=0.05"],
-    "reinforce_pp": ["ppo.algorithm=reinforce_pp", "ppo.num_generations=1", "ppo.beta=0.05"],
+    "grpo": ["ppo.algorithm=grpo", "ppo.num_generations=4", "ppo.beta=0.05", *CRITIC_FREE],
+    "rloo": ["ppo.algorithm=rloo", "ppo.num_generations=4", "ppo.beta=0.05", *CRITIC_FREE],
+    "reinforce_pp": ["ppo.algorithm=reinforce_pp", "ppo.num_generations=1", "ppo.beta=0.05", *CRITIC_FREE],
     "dpo": ["dpo.enabled=true"],
 }
 LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "dpo": "DPO"}
