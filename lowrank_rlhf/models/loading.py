@@ -111,7 +111,8 @@ def load_base(cfg: ModelConfig):
     with quiet_weight_loading():
         if prequantized is not None and (prequantized / "config.json").is_file():
             # its config.json carries the quantization config it was saved with
-            model = AutoModelForCausalLM.from_pretrained(prequantized, dtype=dtype, device_map={"": device})
+            model = AutoModelForCausalLM.from_pretrained(prequantized, dtype=dtype, device_map={"": device},
+                                                         trust_remote_code=cfg.trust_remote_code)
             model.config.name_or_path = path  # what adapters record as their base: the model, not this copy of it
         else:
             model = AutoModelForCausalLM.from_pretrained(
