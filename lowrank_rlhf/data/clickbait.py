@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import DataError
-from .tables import BUNDLED_DIR
+from .tables import BUNDLED_DIR, write_jsonl_tables
 
 CLICKBAIT_PROMPT = "Is this headline clickbait? Answer yes or no.\nHeadline: {headline}"
 CLICKBAIT_SOURCE = "clickbait_headlines"  # {"headline", "label"} rows: the one hand-written source of the others
@@ -127,11 +127,4 @@ def write_clickbait_files(out_dir: str | Path = BUNDLED_DIR) -> dict[str, int]:
     The files are committed; a test checks they match this function's output."""
     source = BUNDLED_DIR / f"{CLICKBAIT_SOURCE}.jsonl"
     rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for stem, table in build_clickbait_rows(rows).items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table)
-        (out_dir / f"{stem}.jsonl").write_text(text, encoding="utf-8")
-        counts[stem] = len(table)
-    return counts
+    return write_jsonl_tables(build_clickbait_rows(rows), out_dir)

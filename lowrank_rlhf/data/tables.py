@@ -28,6 +28,17 @@ SUPPORTED_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parq
 SFT_LAYOUTS: tuple[tuple[str, ...], ...] = (("messages",), ("prompt", "completion"), ("text",))
 
 
+def write_jsonl_tables(tables: dict[str, list[dict]], out_dir: str | Path) -> dict[str, int]:
+    """Write each table as out_dir/<name>.jsonl (one JSON object per line, UTF-8); returns rows per table. The
+    bundled tables' generators (clickbait, text2sql, text2sql_shapes) all write through here."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stem, table in tables.items():
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in table)
+        (out_dir / f"{stem}.jsonl").write_text(text, encoding="utf-8")
+    return {stem: len(table) for stem, table in tables.items()}
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

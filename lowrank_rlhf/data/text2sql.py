@@ -20,7 +20,6 @@ training values (a third of them), so choosing on them says nothing about the he
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import sqlite3
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from itertools import product
 from pathlib import Path
 
 from .errors import DataError
-from .tables import BUNDLED_DIR
+from .tables import BUNDLED_DIR, write_jsonl_tables
 
 REFERENCE_DATE = "2024-03-15"  # "today" for every question; all rows are older
 TEXT2SQL_FILES = ("text2sql_sft", "text2sql_prompts", "text2sql_validation", "text2sql_heldout")
@@ -388,11 +387,4 @@ def build_text2sql_rows() -> dict[str, list[dict]]:
 def write_text2sql_files(out_dir: str | Path = BUNDLED_DIR) -> dict[str, int]:
     """(Re)generate the text2sql_*.jsonl files; returns rows per file. The files are committed; a test checks
     they match this function's output."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for stem, table in build_text2sql_rows().items():
-        (out_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table),
-                                               encoding="utf-8")
-        counts[stem] = len(table)
-    return counts
+    return write_jsonl_tables(build_text2sql_rows(), out_dir)

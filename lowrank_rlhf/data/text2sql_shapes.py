@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from functools import cache
 from itertools import combinations
 from pathlib import Path
 
-from .tables import BUNDLED_DIR
+from .tables import BUNDLED_DIR, write_jsonl_tables
 from .text2sql import (
     CITIES,
     COUNTRIES,
@@ -383,11 +382,4 @@ def build_shape_tables() -> dict[str, list[dict]]:
 
 def write_shape_files(out_dir: str | Path = BUNDLED_DIR) -> dict[str, int]:
     """(Re)generate the text2sql_shapes_*.jsonl files; returns rows per file. Committed; a test checks they match."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for stem, table in build_shape_tables().items():
-        (out_dir / f"{stem}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table),
-                                               encoding="utf-8")
-        counts[stem] = len(table)
-    return counts
+    return write_jsonl_tables(build_shape_tables(), out_dir)
