@@ -208,6 +208,8 @@ class PPOConfig:
     overoptimization_patience: int = opt(2, "warn when eval/score (what PPO maximises) rose while best_metric fell "
                                          "for this many evaluations in a row", low=1)
     stop_on_overoptimization: bool = opt(False, "stop (keeping RUN/best) when the over-optimisation alarm fires")
+    load_best_at_end: bool = opt(False, "RUN/policy is RUN/best's policy at the end (transformers' "
+                                 "load_best_model_at_end); the last step's stays in RUN/checkpoint")
     save_steps: int = opt(0, "checkpoint every N steps; 0 = only at the end and on Ctrl-C", low=0)
     resume: bool = opt(False, "continue from the run directory's last checkpoint")
     max_nan_skips: int = opt(3, "stop after this many non-finite updates in a row", low=1)

@@ -116,3 +116,35 @@ def test_eval_adds_the_best_policy_and_says_when_it_was_chosen_on_the_same_promp
     before = {n: p.clone() for n, p in model.peft.named_parameters() if ".policy." in n}
     evaluate_run(run, "text2sql", max_samples=3, max_new_tokens=6, model=model)
     assert before and all(torch.equal(p, before[n]) for n, p in model.peft.named_parameters() if n in before)
+
+
+def test_a_best_policy_equal_to_the_final_one_is_not_answered_twice(tmp_path, monkeypatch):
+    """When RUN/best holds the final policy's very weights (the best step was the last), its row reuses the
+    policy's answers instead of generating them again; an edited best adapter is still answered on its own."""
+    import shutil
+
+    from lowrank_rlhf.commands import evaluation
+
+    run = tmp_path / "run"
+    cfg = load_recipe(recipe_path("tiny-cpu.yaml"), ["sft.max_steps=1", "data.sft=bundled:text2sql_sft",
+                                                     "data.max_samples=4", f"run_dir={run}"])
+    run_stages(cfg, ["sft"], run)
+    shutil.copytree(run / "sft", run / "policy")
+    (run / "best").mkdir()
+    shutil.copytree(run / "sft", run / "best" / "policy")
+    (run / "best" / "best.json").write_text('{"step": 5, "metric": "eval/sql_execution", "value": 0.5}')
+    generated = []
+    real = evaluation.greedy_answers
+    monkeypatch.setattr(evaluation, "greedy_answers", lambda model, role, *a: generated.append(role) or real(
+        model, role, *a))
+    report = evaluation.evaluate_run(run, "text2sql", max_samples=3, max_new_tokens=6)
+    assert generated == ["base", "sft", "policy"]
+    assert report["results"]["best (step 5)"] == report["results"]["policy"]
+    assert report["best"]["chosen_on"] == cfg.data.eval_prompts
+
+    weights = run / "best" / "policy" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")  # one byte differs: another adapter, answered itself
+    write_manifest(weights.parent)
+    generated.clear()
+    evaluation.evaluate_run(run, "text2sql", max_samples=3, max_new_tokens=6)
+    assert generated == ["base", "sft", "policy", "policy"]

@@ -81,3 +81,27 @@ def test_best_metric_must_be_an_eval_metric(tmp_path):
     assert best_metric_name("", evaluation) == "eval/brevity"
     with pytest.raises(ConfigError, match="ppo.best_metric: 'eval/acc' is not an eval metric"):
         best_metric_name("eval/acc", evaluation)
+
+
+def test_load_best_at_end_makes_the_best_policy_run_policy_and_keeps_the_last_in_the_checkpoint(tmp_path):
+    """transformers' load_best_model_at_end for the RL loop: RUN/policy holds RUN/best's weights, the last step's
+    policy stays in RUN/checkpoint (resume continues from it), and a run without evaluations is refused."""
+    from safetensors.torch import load_file
+
+    from lowrank_rlhf.config import ConfigError
+    from lowrank_rlhf.pipeline import preflight
+
+    trainer = hacked_trainer(tmp_path, "ppo.total_steps=9", "ppo.load_best_at_end=true")
+    trainer.train()
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best["step"] < trainer.step == 9  # the hack made an early policy the best
+    weights = "adapter_model.safetensors"
+    final, chosen = load_file(tmp_path / "policy" / weights), load_file(tmp_path / "best" / "policy" / weights)
+    last = load_file(tmp_path / "checkpoint" / "policy" / weights)
+    assert final.keys() == chosen.keys() and all(final[k].equal(chosen[k]) for k in final)
+    assert any(not final[k].equal(last[k]) for k in final)
+
+    with pytest.raises(ConfigError, match="ppo.load_best_at_end: there is no RUN/best"):
+        preflight(recipe(tmp_path / "other", "ppo.load_best_at_end=true", "ppo.eval_steps=0",
+                         "data.prompts=bundled:clickbait_prompts"), ["ppo"],
+                  tmp_path / "other")

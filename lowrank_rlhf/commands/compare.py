@@ -12,7 +12,6 @@ SHARED (a run directory holding sft and reward), then compares them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,14 +21,9 @@ import numpy as np
 from .. import data, rewards
 from ..config import ConfigError
 from . import paired_stats
-from .evaluation import MARKER, evaluate_run, read_best, resolve_task
+from .evaluation import MARKER, adapter_digest, evaluate_run, read_best, resolve_task
 
 RESULT_FILES = ("compare.json", "compare.md", "compare.png")
-
-
-def adapter_digest(run: Path, role: str) -> str:
-    path = run / role / "adapter_model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
 def check_runs(runs: list[Path]) -> None:

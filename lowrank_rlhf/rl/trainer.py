@@ -365,7 +365,12 @@ class PPOTrainer:
         return self.run_dir / "checkpoint"
 
     def save_adapters(self) -> None:
-        """The trained roles in plain PEFT format: RUN/policy and RUN/value (heads beside them)."""
+        """The trained roles in plain PEFT format: RUN/policy and RUN/value (heads beside them). Called after the
+        last checkpoint, so with ppo.load_best_at_end the best policy replaces the last one only in RUN/policy."""
+        if self.ppo.load_best_at_end and self.best and self.best["step"] != self.step:
+            self.model.load_adapter_weights("policy", self.run_dir / "best" / "policy")
+            log.info("RUN/policy is RUN/best, step %d (%s %.4g)", self.best["step"], self.best["metric"],
+                     self.best["value"])
         if self.state.is_main_process:
             self.model.save(self.run_dir, roles=run_state.trained_roles(self.model))
 
