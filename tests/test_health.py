@@ -105,3 +105,18 @@ def test_load_best_at_end_makes_the_best_policy_run_policy_and_keeps_the_last_in
         preflight(recipe(tmp_path / "other", "ppo.load_best_at_end=true", "ppo.eval_steps=0",
                          "data.prompts=bundled:clickbait_prompts"), ["ppo"],
                   tmp_path / "other")
+
+
+def test_each_reward_source_is_a_step_metric(tmp_path):
+    """TRL's rewards/<name>/mean: every source of the score on its own, unweighted, beside the weighted sum."""
+    path = tmp_path / "hack.py"
+    path.write_text(REWARDS)
+    trainer = make_trainer(recipe(tmp_path, "ppo.total_steps=2"))
+    texts = [trainer.model.tokenizer.decode(p) for p in trainer.prompts]
+    functions = load_reward_functions([f"{path}:letters", f"{path}:no_letters"], [2.0, 0.5])
+    trainer.scorer = Scorer(trainer.model, 0.0, functions, texts, {})
+    history = trainer.train()
+    for step in history:
+        letters, no_letters = step["rewards/letters/mean"], step["rewards/no_letters/mean"]
+        assert 0 <= letters <= 1 and letters + no_letters == pytest.approx(1, abs=1e-5)  # unweighted
+        assert step["objective/raw_scores"] == pytest.approx(2.0 * letters + 0.5 * no_letters, abs=1e-5)

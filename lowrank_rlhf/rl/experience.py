@@ -10,7 +10,7 @@ and zero after each response's stop token; per-sequence tensors are [B].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,6 +63,8 @@ class Experience:
     loss_mask: torch.Tensor | None = None         # [B, R] tokens the update learns from; None = mask
     # logprobs (and kl) are written by the update's own forward (algorithms.old_logprobs_from_update)
     logprobs_from_update: bool = False
+    # [B] each reward source unweighted, by short name ("learned", "sql_execution", ...): the step's rewards/* metrics
+    score_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def mask(self) -> torch.Tensor:

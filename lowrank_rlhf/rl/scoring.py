@@ -10,6 +10,7 @@ import torch
 from ..config import PPOConfig
 from ..models.roles import REFERENCE, RoleModel
 from ..models.runner import MicroBatchRunner
+from ..rewards.scorer import Scorer, short_name
 from .algorithms import has_critic, needs_reference, old_logprobs_from_update
 from .experience import Experience, Rollout, trim_columns
 from .ppo import RunningMoments, kl_penalty, normalize_and_clip_scores
@@ -70,7 +71,12 @@ def score_rollout(model: RoleModel, rollout: Rollout, scorer: ScoreFn, runner: M
         logprobs = policy_out[..., 0] if shared else policy_out
     ref_logprobs = map_rows(rollout, runner, reference) if reference_pass else None
     values = (policy_out[..., 1] if shared else map_rows(rollout, runner, model.token_values)) if critic else None
-    raw_scores = scorer(rollout, runner).float().to(logprobs.device)
+    if isinstance(scorer, Scorer):  # each source apart too, for the step's metrics (TRL's rewards/<name>/mean)
+        parts = scorer.parts(rollout, runner)
+        raw_scores, parts = scorer.combine(parts), {short_name(k): v.float() for k, v in parts.items()}
+    else:  # any callable ScoreFn: only the sum
+        raw_scores, parts = scorer(rollout, runner), {}
+    raw_scores = raw_scores.float().to(logprobs.device)
     scores = raw_scores
     if ppo.missing_eos_penalty is not None:
         scores = scores - ppo.missing_eos_penalty * (~rollout.has_stop).float()
@@ -82,7 +88,7 @@ def score_rollout(model: RoleModel, rollout: Rollout, scorer: ScoreFn, runner: M
     exp = Experience(rollout=rollout, logprobs=logprobs * mask,
                      ref_logprobs=ref_logprobs * mask if reference_pass else None,
                      values=values * mask if critic else None, kl=torch.zeros_like(logprobs), raw_scores=raw_scores,
-                     scores=scores, logprobs_from_update=from_update)
+                     scores=scores, logprobs_from_update=from_update, score_parts=parts)
     return exp if from_update else measure_kl(exp, ppo)
 
 

@@ -327,6 +327,7 @@ class PPOTrainer:
             "objective/kl": exp.kl.sum(1).mean(), "objective/entropy": (-exp.logprobs * mask).sum(1).mean(),
             "objective/non_score_reward": non_score, "objective/rlhf_reward": exp.scores.mean() + non_score,
             "objective/scores": exp.scores.mean(), "objective/raw_scores": exp.raw_scores.mean(),
+            **{f"rewards/{name}/mean": part.mean() for name, part in exp.score_parts.items()},
             "val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "val/response_length": mask.float().sum(1).mean(),
             # the share of response tokens the update learns from (< 1 with mask_truncated_completions)
             "policy/loss_token_share": exp.train_mask.sum() / mask.sum().clamp(min=1),
