@@ -117,7 +117,8 @@ def preflight(cfg: RecipeConfig, stages: list[str], run_dir: Path) -> None:
             data.load_prompts(cfg.data.eval_prompts, cfg.data.max_samples, name="data.eval_prompts")
         elif cfg.ppo.load_best_at_end:
             raise ConfigError("ppo.load_best_at_end: there is no RUN/best to load without evaluations; set "
-                              "ppo.eval_steps (> 0) and data.eval_prompts (a validation table)")
+                              "ppo.eval_steps (> 0) and data.eval_prompts (a validation table), or "
+                              "ppo.load_best_at_end=false")
         if not ("reward" in stages and cfg.reward_model.enabled):
             check_reward_model(cfg, run_dir)
             check_reward_accuracy(cfg, run_dir)

@@ -27,7 +27,8 @@ DPO_SMALL = ["dpo.max_steps=2", "dpo.batch_size=4", "dpo.max_length=256", "dpo.l
 # the quickstart's path on tiny-llama: its tokenizer is byte-level (one token per character), so longer limits
 QUICK_TINY = ["model.name=tiny-llama", "data.max_prompt_length=160", "data.max_samples=8", "sft.max_length=256",
               "reward_model.max_length=256", "dpo.max_length=256", "sft.batch_size=4", "reward_model.batch_size=4",
-              "dpo.batch_size=4", "lora.r=4", "lora.alpha=8", "ppo.eval_steps=0"]
+              "dpo.batch_size=4", "lora.r=4", "lora.alpha=8", "ppo.eval_steps=0",
+              "ppo.load_best_at_end=false"]
 
 
 pytestmark = pytest.mark.usefixtures("offline_single_thread")  # conftest: offline, one thread
