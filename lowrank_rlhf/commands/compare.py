@@ -49,7 +49,7 @@ def eval_report(run: Path, task: str | None, held_out: str | None, functions: li
     if path.is_file() and MARKER in path.read_text(errors="replace")[:200]:
         report = json.loads(path.read_text())
         labels = set(report["results"])
-        has_best = any(label.startswith("best") for label in labels) or read_best(run) is None
+        has_best = "best" not in models or any(label.startswith("best") for label in labels) or read_best(run) is None
         if report["held_out"] == source and report["functions"] == specs and set(models) - {"best"} <= labels \
                 and has_best:
             return report
@@ -96,9 +96,9 @@ def compare_runs(runs: list[Path], out: Path, task: str | None = "clickbait", he
     check_runs(runs)
     check_out(out)
     source, specs, _ = resolve_task(task, held_out, functions)
-    # base and SFT are the same in every run: answered once, in the first
-    reports = [eval_report(run, task, held_out, functions,
-                           ("base", "sft", "policy", "best") if i == 0 else ("policy", "best"))
+    # base and SFT are the same in every run: answered once, in the first; RUN/best only when it is compared
+    wanted = ("policy", "best") if policy == "best" else ("policy",)
+    reports = [eval_report(run, task, held_out, functions, (("base", "sft") if i == 0 else ()) + wanted)
                for i, run in enumerate(runs)]
     table = data.load_prompts(source, name="--held-out")
     columns = {c: table[c] for c in table.column_names if c != "prompt"}
