@@ -85,7 +85,7 @@ def test_every_part_of_a_held_out_question_decides_its_answer():
 
             result = run(sql)
             assert result and result not in ([(0,)], [(None,)]), sql
-            where = re.search(r" WHERE (.*?)(?= GROUP BY|;)", sql)
+            where = re.search(r" WHERE (.*?)(?= GROUP BY| ORDER BY|;)", sql)
             conditions = where.group(1).split(" AND ") if where else []
             if any(" BETWEEN " in c for c in conditions):
                 conditions = re.split(r" AND (?!\d)", where.group(1))
@@ -118,11 +118,13 @@ def test_the_held_out_set_spans_every_kind_of_clause_and_database():
     filters = Counter(f.split("(")[0] for p in parts for f in p[2].split("&") if f != "-")
     groups = Counter(p[3].split("(")[0] for p in parts)
     assert set(measures) == {"count", "count_distinct", "sum", "avg", "min", "max", "list"}
-    assert set(filters) == {"eq", "neq", "in", "gt", "lt", "between", "window"}
+    assert set(filters) == {"eq", "neq", "in", "not_in", "null", "not_null", "gt", "lt", "between", "above_avg",
+                            "below_avg", "window"}
     assert set(groups) == {"none", "per", "having", "top"}
     assert set(held["db_id"]) == {"events", "shop", "library"}
     sql = " ".join(held["gold_sql"])
-    for clause in ("JOIN", "GROUP BY", "HAVING", "ORDER BY", "LIMIT", "BETWEEN", " IN (", "!=", "DISTINCT"):
+    for clause in ("JOIN", "GROUP BY", "HAVING", "ORDER BY", "LIMIT", "BETWEEN", " IN (", "!=", "DISTINCT", " NOT IN (",
+                   " IS NULL", " IS NOT NULL", "(SELECT AVG("):
         assert clause in sql, clause
 
 

@@ -41,7 +41,7 @@ SCHEMAS = {  # db_id -> {table: [(column, type), ...]}, in prompt order
                           ("rpc_method", "TEXT")]},
     "shop": {"customers": [("customer_id", "INTEGER"), ("name", "TEXT"), ("city", "TEXT")],
              "orders": [("order_id", "INTEGER"), ("customer_id", "INTEGER"), ("order_date", "TEXT"),
-                        ("amount", "INTEGER"), ("status", "TEXT")]},
+                        ("amount", "INTEGER"), ("status", "TEXT"), ("coupon", "TEXT")]},
     "library": {"authors": [("author_id", "INTEGER"), ("name", "TEXT"), ("country", "TEXT")],
                 "books": [("book_id", "INTEGER"), ("title", "TEXT"), ("author_id", "INTEGER"), ("year", "INTEGER"),
                           ("genre", "TEXT")]},
@@ -50,6 +50,7 @@ METHODS = ("Login", "Logout", "GetProfile", "UpdateProfile", "ListFiles", "Uploa
 CITIES = ("Berlin", "Lisbon", "Oslo", "Madrid", "Vienna", "Dublin")
 STATUSES = ("paid", "shipped", "cancelled", "refunded")
 COUNTRIES = ("France", "Japan", "Brazil", "Canada", "Kenya", "Poland")
+COUPONS = ("SPRING10", "WELCOME5", "VIP20")  # orders.coupon: NULL when the order used none (most do)
 GENRES = ("mystery", "fantasy", "history", "poetry", "science")
 WINDOWS = (("over the last week", "-7 days"), ("over the last 3 days", "-3 days"),
            ("over the last two weeks", "-14 days"), ("over the last 30 days", "-30 days"))
@@ -74,6 +75,10 @@ def _rows(db_id: str) -> dict[str, list[tuple]]:
         customers = [(i + 1, name, CITIES[i % len(CITIES)]) for i, name in enumerate(first)]
         orders = [(i + 1, rng.randint(1, len(first)), before(60)[:10], rng.randint(5, 300),
                    rng.choices(STATUSES, (6, 4, 2, 1))[0]) for i in range(150)]
+        # the nullable column (NULL handling) draws from its own RNG, added 2026-12-05: the other columns, and so
+        # every earlier question's answer, stay what they were
+        coupon = random.Random("text2sql:shop:coupon")
+        orders = [order + (coupon.choices((None,) + COUPONS, (11, 4, 3, 2))[0],) for order in orders]
         return {"customers": customers, "orders": orders}
     if db_id == "library":
         names = ("Amelie Roux", "Kenji Sato", "Lucas Prado", "Maya Tremblay", "Njeri Otieno", "Piotr Nowak",
@@ -100,7 +105,8 @@ def database_script(db_id: str) -> str:
         columns = ", ".join(f"{name} {kind}" for name, kind in SCHEMAS[db_id][table])
         lines.append(f"CREATE TABLE {table} ({columns});")
         for row in rows:
-            values = ", ".join("'" + v.replace("'", "''") + "'" if isinstance(v, str) else str(v) for v in row)
+            values = ", ".join("NULL" if v is None else "'" + v.replace("'", "''") + "'" if isinstance(v, str)
+                               else str(v) for v in row)
             lines.append(f"INSERT INTO {table} VALUES ({values});")
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,8 @@
 """Text-to-SQL questions composed from parts, so the space of question shapes is large: what to compute (a count,
-a distinct count, SUM/AVG/MIN/MAX, the earliest or latest time, a list of distinct values), zero to two filters
-(equality, inequality, IN, comparisons, BETWEEN, a date window, a join to the other table) and a grouping (per
-value, per value with HAVING, the top k by ORDER BY ... LIMIT), over the tables of data/text2sql.py.
+a distinct count, SUM/AVG/MIN/MAX, the earliest or latest time, a list of distinct values, in order or not), zero
+to two filters (equality, inequality, IN, NOT IN, IS NULL / IS NOT NULL, comparisons, BETWEEN, a comparison with the
+average by a subquery, a date window, a join to the other table) and a grouping (per value, per value with HAVING,
+the top k by ORDER BY ... LIMIT), over the tables of data/text2sql.py.
 
 A shape is everything but the values: `orders JOIN customers | AVG(orders.amount) | status = ? | per city`. Each
 shape goes to one split by a hash of its key (training, validation or held-out), so a held-out question here has a
@@ -25,6 +26,7 @@ from .tables import BUNDLED_DIR, write_jsonl_tables
 from .text2sql import (
     CITIES,
     COUNTRIES,
+    COUPONS,
     GENRES,
     METHODS,
     REFERENCE_DATE,
@@ -47,6 +49,9 @@ SFT_SHAPE_SHARE = 0.5
 # questions kept (a stable hash picks them): the held-out set large enough for a paired interval over seeds,
 # validation smaller (it is scored at every rl.eval_steps); training keeps all
 SPLIT_SIZES = {"validation": 120, "heldout": 240}
+# training rows kept, by the same hash: the recipe's SFT time grows with its demonstrations (2 epochs of 465 took
+# about 32 min on 2 cores), so more shapes mean fewer shapes demonstrated, not a longer recipe
+TRAIN_SIZES = {"text2sql_shapes_sft": 320, "text2sql_shapes_prompts": 450}
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,10 @@ class Col:
     low: str = "smallest"  # MIN's word (earliest for years and times)
     high: str = "largest"
     summable: bool = True  # a total of years means nothing
+    not_in: str = ""  # the phrasing of "NOT IN ({a}, {b})"
+    nullable: bool = False  # NULL means "none": IS NULL / IS NOT NULL filters, never listed or grouped by
+    null: tuple[str, str] = ("", "")  # the phrasings of IS NULL and IS NOT NULL
+    table: str = ""  # the table the column belongs to: a subquery over all its rows (the average)
 
 
 @dataclass(frozen=True)
@@ -75,20 +84,24 @@ class Source:
 
 
 _METHOD = Col("rpc_method", "rpc method", "rpc methods", "category", METHODS,
-              ('with method "{v}"', 'to "{v}"', 'of type "{v}"'), 'to a method other than "{v}"')
+              ('with method "{v}"', 'to "{v}"', 'of type "{v}"'), 'to a method other than "{v}"',
+              not_in='to neither "{a}" nor "{b}"')
 _USER = Col("user_id", "user id", "user ids", "id", tuple(range(1, 41)), ("of user {v}", "from user {v}"))
 _TIMESTAMP = Col("timestamp", "time", "times", "time", low="earliest", high="latest")
 _STATUS = Col("status", "status", "statuses", "category", STATUSES, ('with status "{v}"', 'marked "{v}"'),
-              'with a status other than "{v}"')
-_AMOUNT = Col("amount", "amount", "amounts", "number", (50, 100, 150, 200, 250))
+              'with a status other than "{v}"', not_in='with a status other than "{a}" and "{b}"')
+_AMOUNT = Col("amount", "amount", "amounts", "number", (50, 100, 150, 200, 250), table="orders")
+_COUPON = Col("coupon", "coupon", "coupons", "category", COUPONS, ('with coupon "{v}"', 'that used coupon "{v}"'),
+              nullable=True, null=("that used no coupon", "that used a coupon"))
 _ORDER_DATE = Col("order_date", "order date", "order dates", "time", low="earliest", high="latest")
-_CITY = Col("city", "city", "cities", "category", CITIES, ("from {v}", "living in {v}"), "living outside {v}")
+_CITY = Col("city", "city", "cities", "category", CITIES, ("from {v}", "living in {v}"), "living outside {v}",
+            not_in="living in neither {a} nor {b}")
 _GENRE = Col("genre", "genre", "genres", "category", GENRES, ('of genre "{v}"', 'in the genre "{v}"'),
-             'of a genre other than "{v}"')
+             'of a genre other than "{v}"', not_in='of a genre other than "{a}" and "{b}"')
 _YEAR = Col("year", "publication year", "publication years", "number", (1970, 1990, 2000, 2010),
-            low="earliest", high="latest", summable=False)
+            low="earliest", high="latest", summable=False, table="books")
 _COUNTRY = Col("country", "country", "countries", "category", COUNTRIES, ("from {v}", "based in {v}"),
-               "based outside {v}")
+               "based outside {v}", not_in="based in neither {a} nor {b}")
 
 
 def _qualified(col: Col, table: str, **words) -> Col:
@@ -98,26 +111,29 @@ def _qualified(col: Col, table: str, **words) -> Col:
 
 SOURCES = (
     Source("events", "events", "events", "requests", "request", (_METHOD, _USER, _TIMESTAMP)),
-    Source("shop", "orders", "orders", "orders", "order", (_STATUS, _AMOUNT, _ORDER_DATE)),
+    Source("shop", "orders", "orders", "orders", "order", (_STATUS, _AMOUNT, _ORDER_DATE, _COUPON)),
     Source("shop", "orders+customers",
            "orders JOIN customers ON orders.customer_id = customers.customer_id", "orders", "order",
            (_qualified(_STATUS, "orders"), _qualified(_AMOUNT, "orders"),
             _qualified(_CITY, "customers", one="customer city", many="customer cities",
                        eq=("by customers from {v}", "placed by customers in {v}"),
-                       neq="placed by customers outside {v}")), "customers."),
+                       neq="placed by customers outside {v}",
+                       not_in="placed by customers living in neither {a} nor {b}")), "customers."),
     Source("shop", "customers", "customers", "customers", "customer", (_CITY,)),
     Source("library", "books", "books", "books", "book", (_GENRE, _YEAR)),
     Source("library", "books+authors", "books JOIN authors ON books.author_id = authors.author_id", "books", "book",
            (_qualified(_GENRE, "books"), _qualified(_YEAR, "books"),
             _qualified(_COUNTRY, "authors", one="author country", many="author countries",
                        eq=("by authors from {v}", "written by authors from {v}"),
-                       neq="by authors from a country other than {v}")), "authors."),
+                       neq="by authors from a country other than {v}",
+                       not_in="by authors from neither {a} nor {b}")), "authors."),
 )
 
 # what to compute: (kind, column kinds it applies to)
 MEASURES = (("count", None), ("count_distinct", ("category", "id")), ("sum", ("number",)), ("avg", ("number",)),
             ("min", ("number", "time")), ("max", ("number", "time")), ("list", ("category", "id")))
-FILTERS = ("eq", "neq", "in", "gt", "lt", "between", "window")
+FILTERS = ("eq", "neq", "in", "not_in", "null", "not_null", "gt", "lt", "between", "above_avg", "below_avg",
+           "window")
 GROUPS = ("none", "per", "having", "top")
 
 
@@ -139,8 +155,10 @@ class Shape:
 
 
 def _filter_kinds(col: Col) -> tuple[str, ...]:
-    return {"category": ("eq", "neq", "in"), "id": ("eq",), "number": ("gt", "lt", "between"),
-            "time": ("window",)}.get(col.kind, ())
+    if col.nullable:  # "other than X" would silently drop the NULL rows too: a trap, not a question
+        return ("eq", "in", "null", "not_null")
+    return {"category": ("eq", "neq", "in", "not_in"), "id": ("eq",),
+            "number": ("gt", "lt", "between", "above_avg", "below_avg"), "time": ("window",)}.get(col.kind, ())
 
 
 def all_shapes() -> list[Shape]:
@@ -150,7 +168,7 @@ def all_shapes() -> list[Shape]:
     for source in SOURCES:
         measures = [(m, None) for m, kinds in MEASURES if kinds is None] + [
             (m, col) for m, kinds in MEASURES if kinds for col in source.columns
-            if col.kind in kinds and (m != "sum" or col.summable)]
+            if col.kind in kinds and (m != "sum" or col.summable) and (m != "list" or not col.nullable)]
         single = [((kind, col),) for col in source.columns for kind in _filter_kinds(col)]
         pairs = [(a, b) for (a,), (b,) in combinations(single, 2) if a[1] != b[1]]  # two columns, any kinds
         for measure in measures:
@@ -160,7 +178,8 @@ def all_shapes() -> list[Shape]:
                     continue  # "the different statuses of the orders with status paid": the filter is the answer
                 used = filtered | ({measure[1].sql} if measure[1] else set())
                 groups = [("none", None)] + [(g, col) for g in GROUPS[1:] for col in source.columns
-                                             if col.kind in ("category", "id") and col.sql not in used]
+                                             if col.kind in ("category", "id") and col.sql not in used
+                                             and not col.nullable]
                 for group in groups:
                     cols = [col for _, col in filters] + [measure[1], group[1]]
                     if source.joined and not any(col and col.sql.startswith(source.joined) for col in cols):
@@ -198,6 +217,20 @@ def _filter(kind: str, col: Col, rng: random.Random) -> tuple[str, str, bool]:
         phrase = rng.choice(col.eq)
         either = phrase.replace('"{v}"', f'"{a}" or "{b}"') if '"{v}"' in phrase else phrase.format(v=f"{a} or {b}")
         return " " + either, f"{col.sql} IN ({_literal(a)}, {_literal(b)})", False
+    if kind == "not_in":
+        a, b = rng.sample(col.values, 2)
+        return " " + col.not_in.format(a=a, b=b), f"{col.sql} NOT IN ({_literal(a)}, {_literal(b)})", False
+    if kind in ("null", "not_null"):
+        return " " + col.null[kind == "not_null"], f"{col.sql} IS {'NOT ' if kind == 'not_null' else ''}NULL", False
+    if kind in ("above_avg", "below_avg"):  # a subquery: the average of all the table's rows, not the filtered ones
+        year = col.one == "publication year"
+        word = {"above_avg": ("above", "after"), "below_avg": ("below", "before")}[kind][year]
+        # "(over all ...)" in brackets: "above the average amount of all orders that used a coupon" would leave
+        # whose average it is to the next filter's words
+        phrase = (f" published {word} the average year (over all books)" if year
+                  else f" with an amount {word} the average (over all orders)")
+        bare = col.sql.split(".")[-1]
+        return phrase, f"{col.sql} {'>' if kind == 'above_avg' else '<'} (SELECT AVG({bare}) FROM {col.table})", False
     if kind in ("gt", "lt"):
         v = rng.choice(col.values)
         word = {"gt": ("above", "after"), "lt": ("below", "before")}[kind][col.one == "publication year"]
@@ -219,7 +252,10 @@ def _literal(value) -> str:
 def _measure(kind: str, col: Col | None, rows: str, row: str, tail: str, rng: random.Random) -> tuple[str, str]:
     """(question, SELECT expression) for what to compute over `rows` + the filters' words `tail`."""
     if kind == "count":
-        return rng.choice((f"count the {rows}{tail}", f"get the number of {rows}{tail}")), "COUNT(*)"
+        # "how many" as well: with it only in the distinct count's words, SFT answered the templates' "how many
+        # calls user N made" with COUNT(DISTINCT ...)
+        return rng.choice((f"count the {rows}{tail}", f"get the number of {rows}{tail}",
+                           f"find how many {rows}{tail} there are")), "COUNT(*)"
     if kind == "count_distinct":
         return (rng.choice((f"count the distinct {col.many} among the {rows}{tail}",
                             f"know how many different {col.many} the {rows}{tail} have")),
@@ -277,8 +313,13 @@ def compose(shape: Shape, rng: random.Random) -> Question:
                         _without_each(gcol.sql, src.from_sql, conditions, f"{tail} LIMIT {k}"), grouped=True)
     question, select = _measure(shape.measure[0], shape.measure[1], src.rows, src.row, words, rng)
     if group == "none":
-        return Question(question, _query(select, src.from_sql, conditions) + ";", dated,
-                        weaker=_without_each(select, src.from_sql, conditions, ""))
+        order = ""
+        if shape.measure[0] == "list" and rng.random() < 0.5:  # the templates ask for ordered lists too: both kinds
+            col = shape.measure[1]
+            question += ", in alphabetical order" if col.kind == "category" else ", from smallest to largest"
+            order = f" ORDER BY {col.sql}"
+        return Question(question, _query(select, src.from_sql, conditions, order) + ";", dated,
+                        weaker=_without_each(select, src.from_sql, conditions, order))
     per = rng.choice((f" per {gcol.one}", f" for each {gcol.one}"))
     select, tail = f"{gcol.sql}, {select}", f" GROUP BY {gcol.sql}"
     if group == "having":
@@ -374,8 +415,9 @@ def build_shape_tables() -> dict[str, list[dict]]:
     train = build_shape_rows("train")
     sft = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["gold_sql"]}]}
            for r in train if r["draw"] == 0 and _share("sft:" + r["shape"]) < SFT_SHAPE_SHARE]
-    return {"text2sql_shapes_sft": sft,
-            "text2sql_shapes_prompts": [prompt_row(r) for r in train if r["draw"] == 1],
+    return {"text2sql_shapes_sft": sft[:TRAIN_SIZES["text2sql_shapes_sft"]],
+            "text2sql_shapes_prompts": [prompt_row(r) for r in train if r["draw"] == 1][
+                :TRAIN_SIZES["text2sql_shapes_prompts"]],
             "text2sql_shapes_validation": [prompt_row(r) for r in build_shape_rows("validation")],
             "text2sql_shapes_heldout": [prompt_row(r) for r in build_shape_rows("heldout")]}
 
