@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+import torch
 from test_trainer import make_trainer, recipe
 
 from lowrank_rlhf.rewards import Scorer, load_reward_functions
@@ -120,3 +121,17 @@ def test_each_reward_source_is_a_step_metric(tmp_path):
         letters, no_letters = step["rewards/letters/mean"], step["rewards/no_letters/mean"]
         assert 0 <= letters <= 1 and letters + no_letters == pytest.approx(1, abs=1e-5)  # unweighted
         assert step["objective/raw_scores"] == pytest.approx(2.0 * letters + 0.5 * no_letters, abs=1e-5)
+
+
+def test_the_share_of_prompts_whose_samples_all_scored_alike_is_a_step_metric(tmp_path):
+    """TRL's frac_reward_zero_std: a prompt group whose samples all score the same teaches GRPO nothing."""
+    from lowrank_rlhf.rl.algorithms import zero_std_share
+
+    assert zero_std_share(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), 2) == pytest.approx(2 / 3)
+    path = tmp_path / "flat.py"
+    path.write_text("def flat(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    trainer = make_trainer(recipe(tmp_path, "ppo.total_steps=1", "ppo.algorithm=grpo", "ppo.num_generations=4",
+                                  "ppo.kl_coef=0.0"))
+    texts = [trainer.model.tokenizer.decode(p) for p in trainer.prompts]
+    trainer.scorer = Scorer(trainer.model, 0.0, load_reward_functions([f"{path}:flat"]), texts, {})
+    assert trainer.train()[0]["frac_reward_zero_std"] == 1.0

@@ -49,6 +49,12 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.view(-1, group_size)
 
 
+def zero_std_share(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """TRL's frac_reward_zero_std: the share of prompt groups whose samples all scored alike. Their advantages are 0,
+    so a critic-free update learns nothing from them (samples too alike, or a prompt too easy or too hard)."""
+    return (_groups(scores, group_size).std(dim=1) < STD_EPS).float().mean()
+
+
 # A function that sums a tensor over every rank (accelerate's `reduce(t, "sum")`); None = this rank is the batch.
 # Group statistics never need it (a prompt's group stays on one rank); batch statistics do, as TRL gathers them.
 SumAcrossRanks = Callable[[torch.Tensor], torch.Tensor] | None

@@ -328,6 +328,8 @@ class PPOTrainer:
             "objective/non_score_reward": non_score, "objective/rlhf_reward": exp.scores.mean() + non_score,
             "objective/scores": exp.scores.mean(), "objective/raw_scores": exp.raw_scores.mean(),
             **{f"rewards/{name}/mean": part.mean() for name, part in exp.score_parts.items()},
+            **({"frac_reward_zero_std": algorithms.zero_std_share(exp.raw_scores, self.ppo.num_generations)}
+               if self.ppo.num_generations > 1 else {}),
             "val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "val/response_length": mask.float().sum(1).mean(),
             # the share of response tokens the update learns from (< 1 with mask_truncated_completions)
             "policy/loss_token_share": exp.train_mask.sum() / mask.sum().clamp(min=1),
