@@ -79,6 +79,20 @@ def test_rows_are_deterministic():
     assert build_text2sql_rows() == build_text2sql_rows()
 
 
+def test_the_nullable_coupon_column_left_every_other_order_column_as_it_was():
+    """orders.coupon (NULL handling, 2026-12-05) draws from its own RNG: the other columns are the rows every
+    earlier measurement answered about (this digest is theirs, taken before the column existed)."""
+    import hashlib
+
+    from lowrank_rlhf.data.text2sql import _rows
+
+    orders = _rows("shop")["orders"]
+    assert hashlib.sha256(repr([row[:5] for row in orders]).encode()).hexdigest() == \
+        "3dfa96431a02b90474d0b1b451a3a8e099e4dae32fa09a2c398dd75a6b5673ab"
+    coupons = [row[5] for row in orders]
+    assert None in coupons and len(set(coupons)) > 2  # NULL and several coupons: IS NULL questions have answers
+
+
 # ------------------------------------------------------------------------------------------------ right and wrong
 @pytest.mark.parametrize("completion", [
     LOGIN_WEEK,
