@@ -144,3 +144,25 @@ def test_a_question_states_its_values_and_today_when_it_counts_days():
 
 def test_the_build_is_deterministic():
     assert build_shape_rows("heldout") == build_shape_rows("heldout")
+
+
+def test_the_breakdown_script_scores_saved_answers_per_clause_kind(tmp_path):
+    """scripts/text2sql_shapes_breakdown.py re-scores eval's saved answers: the gold query right, anything else
+    wrong, counted once per kind of clause the question has."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    held = load_prompts("bundled:text2sql_shapes_heldout", name="data.eval_prompts")
+    having = [" HAVING " in sql for sql in held["gold_sql"]]
+    answers = [("SELECT 1;" if h else sql) for sql, h in zip(held["gold_sql"], having)]  # every HAVING one wrong
+    (tmp_path / "eval-text2sql_shapes.json").write_text(json.dumps({"results": {"sft": {"answers": answers}}}))
+    script = Path(__file__).parents[1] / "scripts" / "text2sql_shapes_breakdown.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[1:]}
+    right = len(held) - sum(having)
+    assert f"{right / len(held):.1%} of {len(held)}" in out.stdout.splitlines()[0]
+    assert lines["group:having"] == ["0.0%", "of", str(sum(having))]
+    assert lines["group:per"][0] == "100.0%" and lines["filter:not_in"][0] != "0.0%"

@@ -1,0 +1,55 @@
+"""Accuracy per clause kind on the unseen-shapes held-out set, from the answers `eval` already saved.
+
+    .venv/bin/python scripts/text2sql_shapes_breakdown.py RUN [RUN ...] [--model sft|policy|base|...]
+
+Reads RUN/eval-text2sql_shapes.json (`lowrank-rlhf eval RUN --task text2sql_shapes` or `--task text2sql` writes it)
+and scores each saved answer again with `sql_execution`, grouped by the parts of its question's shape
+(lowrank_rlhf/data/text2sql_shapes.py): what is computed, each filter kind, the grouping, a join, and the lists asked
+in alphabetical order. A kind a model never gets right is one a 0/1 execution reward cannot teach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from lowrank_rlhf.data import load_prompts
+from lowrank_rlhf.rewards.sql import sql_execution
+
+
+def kinds(shape: str, gold_sql: str) -> list[str]:
+    """The clause kinds of one question: `measure:avg`, `filter:not_in`, `group:having`, `join`, `ordered list`."""
+    source, measure, filters, group = shape.split(" | ")
+    found = [f"measure:{measure.split('(')[0]}", f"group:{group.split('(')[0]}"]
+    found += [f"filter:{f.split('(')[0]}" for f in filters.split("&") if f != "-"]
+    if "+" in source:
+        found.append("join")
+    if measure.startswith("list(") and " ORDER BY " in gold_sql:
+        found.append("ordered list")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--model", default="sft", help="a label of the eval report: base, sft, policy, best (step N)")
+    args = parser.parse_args()
+    held = load_prompts("bundled:text2sql_shapes_heldout", name="data.eval_prompts")
+    for run in args.runs:
+        report = json.loads((run / "eval-text2sql_shapes.json").read_text())
+        answers = report["results"][args.model]["answers"]
+        scores = sql_execution([""] * len(answers), answers, gold_sql=held["gold_sql"], db_id=held["db_id"])
+        by_kind = defaultdict(list)
+        for shape, gold, score in zip(held["shape"], held["gold_sql"], scores):
+            for kind in kinds(shape, gold):
+                by_kind[kind].append(score)
+        print(f"{run} {args.model}: {sum(scores) / len(scores):.1%} of {len(scores)}")
+        for kind in sorted(by_kind):
+            right = by_kind[kind]
+            print(f"  {kind:24s} {sum(right) / len(right):6.1%} of {len(right)}")
+
+
+if __name__ == "__main__":
+    main()
