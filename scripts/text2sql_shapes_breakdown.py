@@ -16,19 +16,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from lowrank_rlhf.data import load_prompts
+from lowrank_rlhf.data.text2sql_shapes import shape_kinds
 from lowrank_rlhf.rewards.sql import sql_execution
 
 
 def kinds(shape: str, gold_sql: str) -> list[str]:
-    """The clause kinds of one question: `measure:avg`, `filter:not_in`, `group:having`, `join`, `ordered list`."""
-    source, measure, filters, group = shape.split(" | ")
-    found = [f"measure:{measure.split('(')[0]}", f"group:{group.split('(')[0]}"]
-    found += [f"filter:{f.split('(')[0]}" for f in filters.split("&") if f != "-"]
-    if "+" in source:
-        found.append("join")
-    if measure.startswith("list(") and " ORDER BY " in gold_sql:
-        found.append("ordered list")
-    return found
+    """The shape's clause kinds, and `ordered list` for a list asked in alphabetical order (a draw, not a shape)."""
+    ordered = "measure:list" in shape_kinds(shape) and " ORDER BY " in gold_sql
+    return shape_kinds(shape) + (["ordered list"] if ordered else [])
 
 
 def main() -> None:

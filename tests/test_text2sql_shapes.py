@@ -3,7 +3,6 @@ trained on nor asked by the hand templates, every gold query runs with a non-tri
 
 import random
 import re
-from collections import Counter
 
 from lowrank_rlhf.data import load_prompts, load_sft
 from lowrank_rlhf.data.tables import BUNDLED_DIR
@@ -14,6 +13,7 @@ from lowrank_rlhf.data.text2sql_shapes import (
     build_shape_rows,
     compose,
     seen_skeleton,
+    shape_kinds,
     shape_split,
     skeleton,
     write_shape_files,
@@ -113,14 +113,12 @@ def test_every_part_of_a_held_out_question_decides_its_answer():
 
 def test_the_held_out_set_spans_every_kind_of_clause_and_database():
     held = load_prompts("bundled:text2sql_shapes_heldout", name="data.eval_prompts")
-    parts = [s.split(" | ") for s in held["shape"]]
-    measures = Counter(p[1].split("(")[0] for p in parts)
-    filters = Counter(f.split("(")[0] for p in parts for f in p[2].split("&") if f != "-")
-    groups = Counter(p[3].split("(")[0] for p in parts)
-    assert set(measures) == {"count", "count_distinct", "sum", "avg", "min", "max", "list"}
-    assert set(filters) == {"eq", "neq", "in", "not_in", "null", "not_null", "gt", "lt", "between", "above_avg",
+    kinds = {kind for shape in held["shape"] for kind in shape_kinds(shape)}
+    of = {part: {k.split(":")[1] for k in kinds if k.startswith(part + ":")} for part in ("measure", "filter", "group")}
+    assert of["measure"] == {"count", "count_distinct", "sum", "avg", "min", "max", "list"}
+    assert of["filter"] == {"eq", "neq", "in", "not_in", "null", "not_null", "gt", "lt", "between", "above_avg",
                             "below_avg", "window"}
-    assert set(groups) == {"none", "per", "having", "top"}
+    assert of["group"] == {"none", "per", "having", "top"} and "join" in kinds
     assert set(held["db_id"]) == {"events", "shop", "library"}
     sql = " ".join(held["gold_sql"])
     for clause in ("JOIN", "GROUP BY", "HAVING", "ORDER BY", "LIMIT", "BETWEEN", " IN (", "!=", "DISTINCT", " NOT IN (",

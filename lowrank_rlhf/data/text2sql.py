@@ -95,6 +95,13 @@ def _rows(db_id: str) -> dict[str, list[tuple]]:
     raise DataError(f"text2sql: unknown database {db_id!r}; allowed values: {', '.join(SCHEMAS)}")
 
 
+def sql_literal(value) -> str:
+    """A Python value as SQLite writes it: NULL, a quoted string (quotes doubled) or a number."""
+    if value is None:
+        return "NULL"
+    return "'" + value.replace("'", "''") + "'" if isinstance(value, str) else str(value)
+
+
 @cache
 def database_script(db_id: str) -> str:
     """The database `db_id` as one SQL script (CREATE TABLE + INSERTs): what `build_database` runs."""
@@ -105,8 +112,7 @@ def database_script(db_id: str) -> str:
         columns = ", ".join(f"{name} {kind}" for name, kind in SCHEMAS[db_id][table])
         lines.append(f"CREATE TABLE {table} ({columns});")
         for row in rows:
-            values = ", ".join("NULL" if v is None else "'" + v.replace("'", "''") + "'" if isinstance(v, str)
-                               else str(v) for v in row)
+            values = ", ".join(sql_literal(v) for v in row)
             lines.append(f"INSERT INTO {table} VALUES ({values});")
     return "\n".join(lines) + "\n"
 

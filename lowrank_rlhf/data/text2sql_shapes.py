@@ -22,7 +22,7 @@ from itertools import combinations
 from pathlib import Path
 
 from .tables import BUNDLED_DIR, write_jsonl_tables
-from .text2sql import REFERENCE_DATE, TEMPLATES, WINDOWS, build_database, text2sql_prompt
+from .text2sql import REFERENCE_DATE, TEMPLATES, WINDOWS, build_database, sql_literal, text2sql_prompt
 from .text2sql_columns import SOURCES, Col, Source
 
 SHAPE_FILES = ("text2sql_shapes_sft", "text2sql_shapes_prompts", "text2sql_shapes_validation",
@@ -65,6 +65,15 @@ class Shape:
                  "&".join(f"{kind}({col.sql})" for kind, col in self.filters) or "-",
                  f"{self.group[0]}({name(self.group[1])})"]
         return " | ".join(parts)
+
+
+def shape_kinds(key: str) -> list[str]:
+    """The clause kinds of a shape from its key (Shape.key's format): `measure:avg`, `filter:not_in` (one per
+    filter), `group:having`, and `join` when the source joins two tables."""
+    source, measure, filters, group = key.split(" | ")
+    kinds = [f"measure:{measure.split('(')[0]}", f"group:{group.split('(')[0]}"]
+    kinds += [f"filter:{f.split('(')[0]}" for f in filters.split("&") if f != "-"]
+    return kinds + (["join"] if "+" in source else [])
 
 
 def _filter_kinds(col: Col) -> tuple[str, ...]:
@@ -121,18 +130,18 @@ def _filter(kind: str, col: Col, rng: random.Random) -> tuple[str, str, bool]:
     """(phrase, SQL condition, dated) for one filter with drawn values."""
     if kind == "eq":
         v = rng.choice(col.values)
-        return " " + rng.choice(col.eq).format(v=v), f"{col.sql} = {_literal(v)}", False
+        return " " + rng.choice(col.eq).format(v=v), f"{col.sql} = {sql_literal(v)}", False
     if kind == "neq":
         v = rng.choice(col.values)
-        return " " + col.neq.format(v=v), f"{col.sql} != {_literal(v)}", False
+        return " " + col.neq.format(v=v), f"{col.sql} != {sql_literal(v)}", False
     if kind == "in":  # the equality's words with two values: 'with status "paid" or "shipped"', 'from Oslo or Lisbon'
         a, b = rng.sample(col.values, 2)
         phrase = rng.choice(col.eq)
         either = phrase.replace('"{v}"', f'"{a}" or "{b}"') if '"{v}"' in phrase else phrase.format(v=f"{a} or {b}")
-        return " " + either, f"{col.sql} IN ({_literal(a)}, {_literal(b)})", False
+        return " " + either, f"{col.sql} IN ({sql_literal(a)}, {sql_literal(b)})", False
     if kind == "not_in":
         a, b = rng.sample(col.values, 2)
-        return " " + col.not_in.format(a=a, b=b), f"{col.sql} NOT IN ({_literal(a)}, {_literal(b)})", False
+        return " " + col.not_in.format(a=a, b=b), f"{col.sql} NOT IN ({sql_literal(a)}, {sql_literal(b)})", False
     if kind in ("null", "not_null"):
         return " " + col.null[kind == "not_null"], f"{col.sql} IS {'NOT ' if kind == 'not_null' else ''}NULL", False
     if kind in ("above_avg", "below_avg"):  # a subquery: the average of all the table's rows, not the filtered ones
@@ -156,10 +165,6 @@ def _filter(kind: str, col: Col, rng: random.Random) -> tuple[str, str, bool]:
         return phrase, f"{col.sql} BETWEEN {a} AND {b}", False
     words, days = rng.choice(WINDOWS)
     return f" {words}", f"{col.sql} >= date('now', '{days}')", True
-
-
-def _literal(value) -> str:
-    return f"'{value}'" if isinstance(value, str) else str(value)
 
 
 def _measure(kind: str, col: Col | None, rows: str, row: str, tail: str, rng: random.Random) -> tuple[str, str]:
