@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +27,12 @@ def kinds(shape: str, gold_sql: str) -> list[str]:
     return shape_kinds(shape) + (["ordered list"] if ordered else [])
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit 2 (the CLI's convention)."""
+    print(f"text2sql_shapes_breakdown: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -33,8 +40,13 @@ def main() -> None:
     args = parser.parse_args()
     held = load_prompts("bundled:text2sql_shapes_heldout", name="data.eval_prompts")
     for run in args.runs:
-        report = json.loads((run / "eval-text2sql_shapes.json").read_text())
-        answers = report["results"][args.model]["answers"]
+        path = run / "eval-text2sql_shapes.json"
+        if not path.is_file():
+            fail(f"{path} does not exist; run `lowrank-rlhf eval {run} --task text2sql_shapes` first")
+        results = json.loads(path.read_text())["results"]
+        if args.model not in results:
+            fail(f"--model {args.model!r} is not in {path}; allowed values: {', '.join(results)}")
+        answers = results[args.model]["answers"]
         scores = sql_execution([""] * len(answers), answers, gold_sql=held["gold_sql"], db_id=held["db_id"])
         by_kind = defaultdict(list)
         for shape, gold, score in zip(held["shape"], held["gold_sql"], scores):

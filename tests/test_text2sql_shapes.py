@@ -164,3 +164,6 @@ def test_the_breakdown_script_scores_saved_answers_per_clause_kind(tmp_path):
     assert f"{right / len(held):.1%} of {len(held)}" in out.stdout.splitlines()[0]
     assert lines["group:having"] == ["0.0%", "of", str(sum(having))]
     assert lines["group:per"][0] == "100.0%" and lines["filter:not_in"][0] != "0.0%"
+    wrong = subprocess.run([sys.executable, str(script), str(tmp_path), "--model", "policy"], capture_output=True,
+                           text=True, timeout=300)
+    assert wrong.returncode == 2 and "allowed values: sft" in wrong.stderr
